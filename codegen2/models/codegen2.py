@@ -1,0 +1,187 @@
+"""CodeGen2 (1B, 3.7B, 7B, 16B) in plain PyTorch.
+
+The architecture is GPT-J's: one LayerNorm per block feeding attention and MLP in parallel, interleaved (GPT-J)
+rotary embeddings on the first ``rotary_dim`` dims of each head, ``gelu_new``, and an untied ``lm_head`` with a
+bias. Attention scores and softmax run in fp32 as in the reference code (spec §2.3).
+
+This file is pure math: token ids, explicit positions and an optional KV cache in, fp32 logits out. It knows
+nothing of checkpoints: the fused, mp_num-interleaved ``qkv_proj`` of the official weights is turned into the
+plain ``[q; k; v]`` layout used here by ``models/convert.py``, once, at load time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codegen2.engine.kv_cache import KVCache, attention_mask
+
+
+@dataclass
+class CodeGen2Config:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    rotary_dim: int = 64
+    n_inner: int | None = None  # None -> 4 * n_embd, as in the official configs
+    vocab_size: int = 51200
+    n_positions: int = 2048
+    layer_norm_eps: float = 1e-5
+
+    family = "codegen2"
+
+    def __post_init__(self) -> None:
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.n_positions
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, **asdict(self)}
+
+
+# Shapes of the official checkpoints (spec §2.1).
+PRESETS: dict[str, dict] = {
+    "codegen2-1B": dict(n_layer=16, n_embd=2048, n_head=16),
+    "codegen2-3_7B": dict(n_layer=16, n_embd=4096, n_head=16),
+    "codegen2-7B": dict(n_layer=32, n_embd=4096, n_head=16),
+    "codegen2-16B": dict(n_layer=34, n_embd=6144, n_head=24),
+}
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # Written out rather than F.gelu(approximate="tanh") because the reference evaluates exactly this
+    # expression, and the fused kernel rounds differently.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def rotary_table(n_positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (S, R) sin and cos with each frequency repeated for an interleaved pair [f0, f0, f1, f1, ...].
+
+    Computed on the CPU as the reference does, so every device sees the same bits.
+    """
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim))
+    angles = torch.einsum("i,j->ij", torch.arange(n_positions, dtype=torch.float, device="cpu"), inv_freq).float()
+    return (torch.repeat_interleave(torch.sin(angles), 2, dim=-1),
+            torch.repeat_interleave(torch.cos(angles), 2, dim=-1))
+
+
+def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """GPT-J rotary on (B, T, H, R) with sin/cos (B, T, 1, R): pairs (x[2j], x[2j+1]) rotate together."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # rot(x)[2j] = -x[2j+1], rot(x)[2j+1] = x[2j]
+    return (x * cos) + (rotated * sin)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: CodeGen2Config) -> None:
+        super().__init__()
+        self.n_head, self.head_dim, self.rotary_dim = cfg.n_head, cfg.head_dim, cfg.rotary_dim
+        # Plain head-major [q; k; v] rows; the checkpoint's interleaved layout is undone by the converter.
+        self.wqkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        # A Python float: the reference's sqrt(head_dim) in fp32 (see spec gotcha 5 for the 1B half trap).
+        self.scale = math.sqrt(cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, input_pos: torch.Tensor,
+                mask: torch.Tensor, kv_len: int, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, E = x.shape
+        H, D, R = self.n_head, self.head_dim, self.rotary_dim
+        q, k, v = self.wqkv(x).view(B, T, 3, H, D).unbind(2)  # each (B, T, H, D)
+        # Rotary in fp32 (the reference's fp32 cos/sin promote half inputs), on the first R dims only.
+        q = torch.cat([apply_rotary(q[..., :R].float(), sin, cos), q[..., R:].float()], dim=-1)
+        k = torch.cat([apply_rotary(k[..., :R].float(), sin, cos), k[..., R:].float()], dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, input_pos, k, v, kv_len)  # (B, H, S, D)
+        scores = torch.matmul(q, k.float().transpose(-1, -2)) / self.scale  # (B, H, T, S) fp32
+        scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v)  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(B, T, E))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: CodeGen2Config) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.n_inner)  # fc_in
+        self.w2 = nn.Linear(cfg.n_inner, cfg.n_embd)  # fc_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(gelu_new(self.w1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: CodeGen2Config) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        h = self.norm(x)
+        # (attention + mlp) first, then the residual: the order matters in half precision.
+        return (self.attention(h, *args) + self.feed_forward(h)) + x
+
+
+class CodeGen2(nn.Module):
+    def __init__(self, cfg: CodeGen2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+        self.reset_rotary()
+
+    def reset_rotary(self) -> None:
+        """(Re)build the rotary tables; needed after the model was built on the meta device."""
+        sin, cos = rotary_table(self.config.n_positions, self.config.rotary_dim)
+        device = self.output.weight.device
+        device = "cpu" if device.type == "meta" else device
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> fp32 logits (B, T, V), or (B, 1, V) for the last column with last_only.
+
+        input_pos (B, T) gives each token's absolute position (-1 marks padding); default 0..T-1 per row.
+        With a cache, K/V are written at those positions and attention reads positions 0..max(input_pos).
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+        if int(input_pos.max()) >= self.config.n_positions:
+            raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.n_positions}")
+        mask, kv_len = attention_mask(input_pos, cache)
+        rope_pos = input_pos.clamp(min=0)
+        sin, cos = self.rope_sin[rope_pos][:, :, None], self.rope_cos[rope_pos][:, :, None]  # (B, T, 1, R)
+        x = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, sin, cos, input_pos, mask, kv_len, cache, i)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()

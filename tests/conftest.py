@@ -1,0 +1,61 @@
+"""Fixtures: tiny random checkpoints saved by transformers' own CodeGen and Llama classes.
+
+transformers is a test-only dependency; it is the independent reference our models are compared against.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+VOCAB = 51200  # the real vocabulary size, so the real tokenizers work with these models
+
+
+def hf_codegen(seed: int = 0, **overrides):
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    fields = dict(vocab_size=VOCAB, n_positions=256, n_ctx=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                  bos_token_id=50256, eos_token_id=50256)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = CodeGenForCausalLM(CodeGenConfig(**fields)).eval()
+    _randomize(model)
+    return model
+
+
+def hf_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  bos_token_id=50256, eos_token_id=50256, pad_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    _randomize(model)
+    return model
+
+
+def _randomize(model) -> None:
+    # transformers initialises norms to 1 and biases to 0; random values make parity tests see every tensor.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+            else:
+                p.normal_(0.0, 0.08)
+
+
+@pytest.fixture(scope="session")
+def codegen_dir(tmp_path_factory):
+    """A CodeGen checkpoint saved by transformers (mp_num 4 layout), fp32 safetensors."""
+    path = tmp_path_factory.mktemp("hf_codegen")
+    hf_codegen().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_llama")
+    hf_llama().save_pretrained(path)
+    return path
