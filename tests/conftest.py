@@ -59,3 +59,26 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_llama")
     hf_llama().save_pretrained(path)
     return path
+
+
+def save_bin(model, path, max_shard_size: str | None = None) -> None:
+    """Save the way the official CodeGen2 / CodeGen2.5 repos are stored: PyTorch pickles, maybe sharded.
+
+    (transformers 5 writes only safetensors, so the .bin layout is written here by hand.)
+    """
+    import json
+    from pathlib import Path
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
+                                               max_shard_size=max_shard_size or "50GB")
+    for filename, names in split.filename_to_tensors.items():
+        torch.save({n: state[n] for n in names}, path / filename)
+    if split.is_sharded:
+        index = {"metadata": {}, "weight_map": split.tensor_to_filename}
+        (path / "pytorch_model.bin.index.json").write_text(json.dumps(index))

@@ -1,0 +1,1 @@
+"""Generation: sampling parameters, the static KV cache and (later) the batched engine."""

@@ -1,0 +1,90 @@
+"""The infill format, in one place: building prompts and extracting the generated middles.
+
+CodeGen2 and CodeGen2.5 share one format (model cards, spec §3 and §6), only the ids differ per tokenizer:
+
+    prompt:   piece_0 <mask_1> piece_1 <mask_2> ... <mask_N> piece_N <|endoftext|> <sep> <mask_1>
+    model:    middle_1 <eom> <mask_2> middle_2 <eom> ... <mask_N> middle_N <eom>
+
+With one hole that is ``prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>`` and the middle ends at ``<eom>``.
+Generation must also end at ``<|endoftext|>`` and never at the configs' eos id 2 (which is ``#``).
+
+User text (prefix, suffix) is encoded with ``Tokenizer.encode``, which treats control-token strings as plain text,
+so a file containing ``<eom>`` cannot end or restructure the prompt; the control ids are added here and only here.
+Each piece is tokenized on its own, exactly as at training time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from codegen2.tokenizer import Tokenizer
+
+
+def infill_prompt(tokenizer: Tokenizer, prefix: str, suffix: str) -> list[int]:
+    """Ids of the one-hole prompt ``prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>``."""
+    return multi_infill_prompt(tokenizer, [prefix, suffix])
+
+
+def multi_infill_prompt(tokenizer: Tokenizer, pieces: Sequence[str]) -> list[int]:
+    """Ids of a prompt with ``len(pieces) - 1`` holes, one between each pair of consecutive pieces."""
+    if len(pieces) < 2:
+        raise ValueError(f"an infill prompt needs at least two pieces (prefix and suffix), got {len(pieces)}")
+    ids = tokenizer.encode(pieces[0])
+    for n, piece in enumerate(pieces[1:], start=1):
+        ids += [tokenizer.mask_id(n)] + tokenizer.encode(piece)
+    return ids + [tokenizer.eos_id, tokenizer.sep_id, tokenizer.mask_id(1)]
+
+
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """Tokens that end a one-hole infill: <eom>, and <|endoftext|> in case the model skips <eom>."""
+    return [tokenizer.eom_id, tokenizer.eos_id]
+
+
+def split_middles(tokenizer: Tokenizer, generated: Sequence[int], n_holes: int = 1) -> tuple[list[list[int]], bool]:
+    """Generated ids (after the prompt) -> the ids of each middle, and whether all ``n_holes`` were closed.
+
+    Each middle ends at <eom>; the <mask_k> the model writes before middle k (k >= 2) is dropped. Everything
+    after <|endoftext|> or after the last expected <eom> is ignored. An unfinished last middle is returned as is.
+    """
+    middles: list[list[int]] = [[]]
+    masks = {tokenizer.mask_id(k) for k in range(2, n_holes + 1)}
+    for tok in generated:
+        if tok == tokenizer.eos_id:
+            break
+        if tok == tokenizer.eom_id:
+            if len(middles) == n_holes:
+                return middles, True
+            middles.append([])
+            continue
+        if tok in masks and not middles[-1]:
+            continue
+        middles[-1].append(tok)
+    return middles, False
+
+
+def extract_middles(tokenizer: Tokenizer, generated: Sequence[int], n_holes: int = 1) -> tuple[list[str], bool]:
+    """Like ``split_middles``, decoded to text."""
+    middles, complete = split_middles(tokenizer, generated, n_holes)
+    return [tokenizer.decode(m) for m in middles], complete
+
+
+def is_finished(tokenizer: Tokenizer, generated: Sequence[int], n_holes: int = 1) -> bool:
+    """True once the model closed every hole or ended the document."""
+    return tokenizer.eos_id in generated or sum(t == tokenizer.eom_id for t in generated) >= n_holes
+
+
+def training_sequence(tokenizer: Tokenizer, pieces: Sequence[str], middles: Sequence[str]) -> list[int]:
+    """The full span-corruption sequence: the prompt for ``pieces`` followed by every middle and its <eom>.
+
+    ``pieces[i] + middles[i] + pieces[i + 1] ...`` is the original text; training uses this as one example.
+    """
+    if len(middles) != len(pieces) - 1:
+        raise ValueError(f"{len(pieces)} pieces need {len(pieces) - 1} middles, got {len(middles)}")
+    ids = multi_infill_prompt(tokenizer, pieces)
+    for n, middle in enumerate(middles, start=1):
+        if n > 1:
+            ids.append(tokenizer.mask_id(n))
+        ids += tokenizer.encode(middle) + [tokenizer.eom_id]
+    return ids
