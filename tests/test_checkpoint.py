@@ -267,13 +267,16 @@ def test_load_makes_no_second_copy(tmp_path):
     hf.save_pretrained(tmp_path)
     size = (tmp_path / "model.safetensors").stat().st_size
     del hf
-    code = ("import resource, torch, sys\n"
+    code = ("import torch\n"
             "from codegen2.models.checkpoint import load_model\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "def hwm():\n"  # VmHWM starts afresh at exec, unlike getrusage's ru_maxrss
+            "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "before = hwm()\n"
             f"m = load_model({str(tmp_path)!r})\n"
-            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "print((after - before) * 1024)\n")
+            "with torch.inference_mode():\n"
+            "    m(torch.tensor([[1, 2, 3]]))\n"  # touches every weight page
+            "print(hwm() - before)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     grown = int(out.stdout.strip())
-    assert grown < 1.4 * size, f"loading grew RSS by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+    assert 0.5 * size < grown < 1.4 * size, f"RSS grew by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
