@@ -9,8 +9,10 @@ import importlib
 
 _PUBLIC = {
     "SamplingParams": "codegen2.engine.sampling",
-    "Completion": "codegen2.generate",
-    "generate": "codegen2.generate",
+    "Engine": "codegen2.engine.engine",
+    "AsyncEngine": "codegen2.engine.engine",
+    "RequestOutput": "codegen2.engine.engine",
+    "Infill": "codegen2.infill",
     "infill_prompt": "codegen2.infill",
     "extract_middles": "codegen2.infill",
     "CheckpointError": "codegen2.models.checkpoint",

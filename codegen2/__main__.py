@@ -46,53 +46,47 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def _run(args: argparse.Namespace, prompt_kind: str) -> None:
-    import torch
-
-    from codegen2 import infill
+    from codegen2.engine.engine import Engine
     from codegen2.engine.sampling import SamplingParams
-    from codegen2.generate import generate
+    from codegen2.infill import Infill
     from codegen2.models.checkpoint import load_model, resolve
     from codegen2.tokenizer import load_tokenizer
 
-    try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, stop=args.stop)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    directory = resolve(args.model)
-    model = load_model(directory, dtype=args.dtype, device=args.device, mp_num=args.mp_num)
-    tokenizer = load_tokenizer(directory)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop=args.stop)
     if prompt_kind == "complete":
         prompt = _read(args.file) if args.file else args.prompt
         if prompt is None:
             raise SystemExit("error: give a prompt, or --file PATH (- for stdin)")
-        ids = tokenizer.encode(prompt)
+    elif args.file:
+        if args.prefix is not None or args.suffix is not None:
+            raise SystemExit("error: use either --file/--line or --prefix/--suffix, not both")
+        if args.line is None:
+            raise SystemExit("error: --file needs --line (1-based) to place the hole")
+        prompt = Infill(*split_at(_read(args.file), args.line, args.column))
     else:
-        if args.file:
-            if args.prefix is not None or args.suffix is not None:
-                raise SystemExit("error: use either --file/--line or --prefix/--suffix, not both")
-            if args.line is None:
-                raise SystemExit("error: --file needs --line (1-based) to place the hole")
-            prefix, suffix = split_at(_read(args.file), args.line, args.column)
-        else:
-            prefix = _read(args.prefix_file) if args.prefix_file else (args.prefix or "")
-            suffix = _read(args.suffix_file) if args.suffix_file else (args.suffix or "")
-        ids = infill.infill_prompt(tokenizer, prefix, suffix)
-        params.stop_token_ids += infill.stop_ids(tokenizer)
-    torch.manual_seed(args.seed if args.seed is not None else 0)
-
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    result = generate(model, tokenizer, ids, params, on_text=show)
+        prompt = Infill(_read(args.prefix_file) if args.prefix_file else (args.prefix or ""),
+                        _read(args.suffix_file) if args.suffix_file else (args.suffix or ""))
+    directory = resolve(args.model)
+    model = load_model(directory, dtype=args.dtype, device=args.device, mp_num=args.mp_num)
+    engine = Engine(model, load_tokenizer(directory), max_batch=1)
+    engine.add_request(prompt, params)
+    final = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta)
+            sys.stdout.flush()
+            final = out.outputs[0]
     sys.stdout.write("\n")
-    print(f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}]", file=sys.stderr)
+    print(f"[{len(final.token_ids)} tokens, finish_reason={final.finish_reason}]", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

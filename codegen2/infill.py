@@ -16,10 +16,19 @@ Each piece is tokenized on its own, exactly as at training time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from codegen2.tokenizer import Tokenizer
+
+
+@dataclass
+class Infill:
+    """An infill request: generate the middle between ``prefix`` and ``suffix``."""
+
+    prefix: str
+    suffix: str
 
 
 def infill_prompt(tokenizer: Tokenizer, prefix: str, suffix: str) -> list[int]:

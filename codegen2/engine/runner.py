@@ -1,0 +1,39 @@
+"""Runs the model for the engine: owns the static KV cache and turns scheduled work into forward passes.
+
+The runner knows slots, positions and tensors, nothing of requests, sampling or text. Decode rows are one token
+each at their own position, in their own slot; a prefill chunk is one row of up to ``prefill_chunk`` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from codegen2.engine.kv_cache import KVCache
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, n_slots: int, max_seq_len: int) -> None:
+        self.model = model
+        cfg = model.config
+        weight = model.tok_embeddings.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.cache = KVCache(cfg.n_layers, n_slots, cfg.n_kv_heads, max_seq_len, cfg.head_dim, self.dtype,
+                             self.device)
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token per slot -> fp32 logits (B, V)."""
+        x = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+        pos = torch.tensor(positions, device=self.device)[:, None]  # (B, 1)
+        return self.model(x, pos, self.cache.slots(slots), last_only=True)[:, -1]
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """A chunk of one prompt at positions start.. -> fp32 logits (V,) of its last token."""
+        x = torch.tensor(tokens, device=self.device)[None]  # (1, T)
+        pos = torch.arange(start, start + len(tokens), device=self.device)[None]  # (1, T)
+        return self.model(x, pos, self.cache.slots([slot]), last_only=True)[0, -1]
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.cache.copy_prefix(src, dst, length)

@@ -1,0 +1,306 @@
+"""The engine: greedy == transformers, batching invariants, sampling parameters, stops, abort, queueing, reuse."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import hf_codegen, hf_llama
+
+from codegen2.engine.engine import AsyncEngine, Engine, StopStrings
+from codegen2.engine.sampling import SamplingParams, apply_penalties, filter_logits, sample
+from codegen2.infill import Infill, infill_prompt
+from codegen2.models.checkpoint import load_model
+from codegen2.tokenizer import CodeGen2Tokenizer, CodeGen25Tokenizer
+
+PROMPTS = ["def fibonacci(n):\n    ", "import os\n", "class Stack:\n    def push(self, x):\n        self.items",
+           "# sum a list\ndef total(xs):", "x = [i * i for i in range(10)]\nprint("]
+
+
+@pytest.fixture(scope="module", params=["codegen2", "llama"])
+def setup(request, tmp_path_factory):
+    hf = hf_codegen() if request.param == "codegen2" else hf_llama()
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    tok = CodeGen2Tokenizer() if request.param == "codegen2" else CodeGen25Tokenizer()
+    return hf, load_model(path), tok
+
+
+def run_alone(model, tok, prompt, params, **kw):
+    return Engine(model, tok, max_batch=1, **kw).generate([prompt], params)[0].outputs[0]
+
+
+@torch.no_grad()
+def test_greedy_equals_transformers_greedy(setup):
+    hf, model, tok = setup
+    for prompt in PROMPTS[:2]:
+        ids = tok.encode(prompt)
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        ref = ref[0, len(ids):].tolist()
+        out = run_alone(model, tok, prompt, SamplingParams(max_tokens=24, ignore_eos=True))
+        assert out.token_ids == ref
+        assert out.finish_reason == "length" and out.text == tok.decode(ref)
+
+
+def test_batched_greedy_equals_each_alone(setup):
+    _, model, tok = setup
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    alone = [run_alone(model, tok, p, params).token_ids for p in PROMPTS]
+    batched = Engine(model, tok, max_batch=8).generate(PROMPTS, params)
+    assert [o.outputs[0].token_ids for o in batched] == alone
+
+
+def test_requests_arriving_mid_stream_and_chunked_prefill(setup):
+    """Requests join while others decode; long prompts are prefilled in small chunks; different max_tokens make
+    requests leave at different steps. Every request still gets exactly its solo tokens."""
+    _, model, tok = setup
+    prompts = PROMPTS + [PROMPTS[2] * 6]  # one long prompt, many chunks of 8
+    lengths = [5, 17, 9, 12, 3, 10]
+    alone = [run_alone(model, tok, p, SamplingParams(max_tokens=n, ignore_eos=True)).token_ids
+             for p, n in zip(prompts, lengths)]
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=8)
+    ids, finals, step = {}, {}, 0
+    while len(finals) < len(prompts):
+        if step < len(prompts) * 2 and step % 2 == 0:  # a new request every other step
+            k = step // 2
+            ids[engine.add_request(prompts[k], SamplingParams(max_tokens=lengths[k], ignore_eos=True))] = k
+        for out in engine.step():
+            if out.finished:
+                finals[ids[out.request_id]] = out.outputs[0].token_ids
+        step += 1
+    assert [finals[k] for k in range(len(prompts))] == alone
+
+
+def test_streamed_deltas_add_up_to_the_text(setup):
+    _, model, tok = setup
+    engine = Engine(model, tok)
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=30, temperature=1.0, seed=3))
+    deltas, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == rid
+            deltas.append(out.outputs[0].delta)
+            final = out.outputs[0]
+    assert "".join(deltas) == final.text == tok.decode(final.token_ids)
+
+
+def test_async_stream_and_abort_on_early_exit(setup):
+    _, model, tok = setup
+    engine = Engine(model, tok, max_batch=2)
+    async_engine = AsyncEngine(engine)
+
+    async def consume(prompt, stop_after=None):
+        texts = []
+        async for out in async_engine.stream(prompt, SamplingParams(max_tokens=12, ignore_eos=True)):
+            texts.append(out.outputs[0].delta)
+            if stop_after is not None and len(texts) >= stop_after:
+                break  # the client goes away
+        return "".join(texts), out
+
+    async def main():
+        return await asyncio.gather(consume(PROMPTS[0]), consume(PROMPTS[1], stop_after=2), consume(PROMPTS[3]))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    solo = run_alone(model, tok, PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert results[0][0] == solo.text and results[0][1].finished
+    assert not results[1][1].finished
+    assert len(engine.scheduler.free) == engine.scheduler.n_slots and not engine.has_unfinished()
+
+
+def test_stop_string_across_token_boundary(setup):
+    _, model, tok = setup
+    full = run_alone(model, tok, PROMPTS[0], SamplingParams(max_tokens=20, ignore_eos=True))
+    pieces = [tok.decode([t]) for t in full.token_ids]
+    k = next(i for i in range(3, len(pieces) - 1) if pieces[i] and pieces[i + 1])
+    boundary = len("".join(pieces[: k + 1]))
+    stop = full.text[boundary - 1: boundary + 1]  # the last char of one token and the first of the next
+    expected = full.text[: full.text.find(stop)]
+    out = run_alone(model, tok, PROMPTS[0], SamplingParams(max_tokens=20, ignore_eos=True, stop=[stop]))
+    assert out.text == expected and out.finish_reason == "stop"
+
+
+def test_stop_strings_hold_back_partial_matches():
+    s = StopStrings(["</div>", "\n\n"])
+    assert s.feed("hello <") == ("hello ", False)
+    assert s.feed("/d") == ("", False)
+    assert s.feed("iv> tail") == ("", True)
+    assert s.text == "hello "
+    s = StopStrings(["\n\n"])
+    assert s.feed("a\n") == ("a", False)
+    assert s.feed("b") == ("\nb", False)  # the held-back "\n" was not a stop after all
+    assert s.rest() == ""
+
+
+def test_seeded_sampling_is_reproducible_and_n_gives_seed_plus_index(setup):
+    _, model, tok = setup
+    p = lambda seed, n=1: SamplingParams(max_tokens=16, temperature=1.0, seed=seed, n=n, ignore_eos=True)
+    a, b, c = (run_alone(model, tok, PROMPTS[0], p(s)).token_ids for s in (7, 7, 8))
+    assert a == b and a != c
+    # n=2 with seed 7: completion i uses seed 7 + i; the second copies the first's prompt K/V.
+    engine = Engine(model, tok, max_batch=4)
+    out = engine.generate([PROMPTS[0]], p(7, n=2))[0]
+    assert [o.token_ids for o in out.outputs] == [a, c]
+    assert engine.scheduler.reused_tokens == len(tok.encode(PROMPTS[0])) - 1
+
+
+def test_logprobs_are_the_models_distribution(setup):
+    _, model, tok = setup
+    out = run_alone(model, tok, PROMPTS[1], SamplingParams(max_tokens=4, ignore_eos=True, logprobs=3))
+    ids = tok.encode(PROMPTS[1]) + out.token_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+    for i, lp in enumerate(out.logprobs):
+        row = logp[len(ids) - len(out.token_ids) - 1 + i]
+        assert lp.token == out.token_ids[i]
+        assert abs(lp.logprob - row[lp.token].item()) < 1e-4
+        assert [t for t, _ in lp.top] == torch.topk(row, 3).indices.tolist()
+        assert lp.top[0][0] == lp.token  # greedy picks the most likely token
+
+
+def test_prefix_reuse_skips_the_shared_prefix_and_gives_the_same_tokens(setup):
+    _, model, tok = setup
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    file_v1 = PROMPTS[2] * 3
+    file_v2 = file_v1 + "\n    def pop(self):"
+    engine = Engine(model, tok, max_batch=2)
+    engine.generate([file_v1], params)
+    first = engine.scheduler.reused_tokens
+    out = engine.generate([file_v2], params)[0].outputs[0]
+    reused = engine.scheduler.reused_tokens - first
+    assert reused >= len(tok.encode(file_v1)) - 1
+    assert out.token_ids == run_alone(model, tok, file_v2, params).token_ids
+
+
+def test_abort_frees_the_slot_and_a_full_cache_queues(setup):
+    _, model, tok = setup
+    engine = Engine(model, tok, max_batch=2)
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in PROMPTS[:4]]
+    engine.step()
+    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 2  # two slots: two wait
+    engine.abort(ids[0])
+    outs = engine.step()
+    aborted = next(o for o in outs if o.request_id == ids[0])
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    assert {s.request_id for s in engine.scheduler.running} == {ids[1], ids[2]}  # the freed slot went to #3
+    while engine.has_unfinished():
+        engine.step()
+    assert len(engine.scheduler.free) == 2
+
+
+def test_budget_limits_slots_and_rejects_too_small():
+    tok = CodeGen2Tokenizer()
+    model = load_model_fixture()
+    cfg = model.config
+    per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * (cfg.max_seq_len + 1) * cfg.head_dim * 4
+    assert Engine(model, tok, max_batch=16, kv_cache_bytes=3 * per_slot).scheduler.n_slots == 3
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        Engine(model, tok, kv_cache_bytes=per_slot - 1)
+
+
+_MODEL = {}
+
+
+def load_model_fixture():
+    if "m" not in _MODEL:
+        import tempfile
+        path = tempfile.mkdtemp()
+        hf_codegen().save_pretrained(path)
+        _MODEL["m"] = load_model(path)
+    return _MODEL["m"]
+
+
+def _biased_model(tmp_path, token_id: int):
+    """A tiny CodeGen2 whose lm_head bias makes ``token_id`` the certain next token."""
+    hf = hf_codegen()
+    with torch.no_grad():
+        hf.lm_head.bias[token_id] = 1000.0
+    hf.save_pretrained(tmp_path)
+    return load_model(tmp_path)
+
+
+def test_never_stops_at_config_eos_2_but_at_endoftext_and_infill_at_eom(tmp_path):
+    tok = CodeGen2Tokenizer()
+    assert tok.encode("#") == [2]  # the official configs' eos id is '#'
+    out = run_alone(_biased_model(tmp_path / "hash", 2), tok, "x = 1  ", SamplingParams(max_tokens=5))
+    assert out.text == "#####" and out.finish_reason == "length"
+    out = run_alone(_biased_model(tmp_path / "eos", 50256), tok, "x", SamplingParams(max_tokens=5))
+    assert out.token_ids == [] and out.finish_reason == "stop"
+    out = run_alone(_biased_model(tmp_path / "eom", 50300), tok, Infill("a", "b"), SamplingParams(max_tokens=5))
+    assert out.token_ids == [] and out.text == "" and out.finish_reason == "stop"
+
+
+def test_context_limits(setup):
+    _, model, tok = setup
+    n = model.config.max_seq_len
+    engine = Engine(model, tok)
+    with pytest.raises(ValueError, match="leaves no room"):
+        engine.add_request([1] * n, SamplingParams())
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request("", SamplingParams())
+    with pytest.raises(ValueError, match="token ids must be"):
+        engine.add_request([1, 51200], SamplingParams())
+    out = engine.generate([[1] * (n - 3)], SamplingParams(max_tokens=50, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_infill_request_uses_the_infill_prompt(setup):
+    _, model, tok = setup
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    a = run_alone(model, tok, Infill("def f(x):\n    ", "\n    return y\n"), params)
+    b = run_alone(model, tok, infill_prompt(tok, "def f(x):\n    ", "\n    return y\n"),
+                  SamplingParams(max_tokens=6, ignore_eos=True, stop_token_ids=[tok.eom_id]))
+    assert a.token_ids == b.token_ids
+
+
+# --- sampling parameters against hand-computed distributions -----------------------------------------------------
+
+def test_top_k_top_p_min_p_temperature_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, **kw))).tolist()
+    assert kept(top_k=3) == [[True, True, True, False]]
+    # Cumulative mass before each token: 0, .5, .8, .95 -> with top_p .8 the third is dropped.
+    assert kept(top_p=0.8) == [[True, True, False, False]]
+    assert kept(top_p=0.81) == [[True, True, True, False]]
+    # min_p .35: keep p >= .35 * .5 = .175 -> the first two.
+    assert kept(min_p=0.35) == [[True, True, False, False]]
+    # Temperature 0.5 squares the probabilities before renormalising: p ~ [.25, .09, .0225, .0025].
+    probs = torch.softmax(filter_logits(logits, SamplingParams(temperature=0.5)), -1)
+    assert torch.allclose(probs[0], torch.tensor([0.25, 0.09, 0.0225, 0.0025]) / 0.365, atol=1e-6)
+
+
+def test_penalties_by_hand():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    rep = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), prompt=[0], output=[1])
+    assert rep.tolist() == [1.0, -2.0, 0.5, 3.0]  # positive / 2, negative * 2, unseen unchanged
+    pen = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt=[2],
+                          output=[3, 3, 1])
+    assert pen.tolist() == [2.0, -1.0 - 0.5 - 0.25, 0.5, 3.0 - 0.5 - 0.5]  # the prompt does not count
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample(logits, SamplingParams(temperature=1.0), g), minlength=4) / 20000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
+    counts = torch.bincount(sample(logits, SamplingParams(temperature=1.0, top_k=2), g), minlength=4) / 20000
+    assert torch.allclose(counts, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(min_p=2), "min_p"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(presence_penalty=3), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"), (dict(stop=[""]), "stop strings"),
+    (dict(stop_token_ids=[-3]), "stop_token_ids"), (dict(n=0), "n must"), (dict(seed="x"), "seed"),
+    (dict(logprobs=50), "logprobs"), (dict(temperature=float("nan")), "temperature"),
+    (dict(max_tokens=True), "max_tokens"),
+])
+def test_sampling_params_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
