@@ -117,10 +117,24 @@ class _Request:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 16, max_seq_len: int | None = None,
-                 kv_cache_bytes: int = 4 << 30, prefill_chunk: int = 256) -> None:
+                 kv_cache_bytes: int = 4 << 30, prefill_chunk: int = 256, linear: str = "auto") -> None:
         """max_batch sequences run at once, each with a KV-cache slot of max_seq_len positions (default: the
-        model's context), as many as fit in kv_cache_bytes; further requests wait in a queue."""
+        model's context), as many as fit in kv_cache_bytes; further requests wait in a queue.
+
+        linear picks the matrix kernels, swapped into ``model`` in place: "bf16" (the native CPU decode kernels
+        for a bf16 model), "int8" (weight-only int8, quantized here), "torch" (the model as given), or "auto":
+        "bf16" for a bf16 model on the CPU, else "torch".
+        """
         cfg = model.config
+        weight = model.tok_embeddings.weight
+        if linear == "auto":
+            linear = "bf16" if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else "torch"
+        if linear not in ("bf16", "int8", "torch"):
+            raise ValueError(f"linear must be 'auto', 'bf16', 'int8' or 'torch', got {linear!r}")
+        if linear != "torch":
+            from codegen2.engine.kernels import prepare_for_decode
+            prepare_for_decode(model, linear)
+        self.linear = linear
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         dtype = model.tok_embeddings.weight.dtype

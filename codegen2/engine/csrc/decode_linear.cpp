@@ -1,22 +1,26 @@
-// Weight-streaming linear layers for small-batch CPU decode: y = x @ W.T (+ b) for x of M <= ~16 rows.
+// Weight-streaming linear layers for small-batch CPU decode: y = x @ W.T (+ b) for x of a few rows.
 //
-// Decode is bound by reading W once per step, so these kernels are built around one goal: stream the (N, K)
-// row-major weight at memory speed and do as little per byte as possible. They are NOT general GEMMs: every
-// weight chunk is converted once per group of <= 3 tokens, so large M (prefill) belongs to oneDNN (the Python
-// side routes it there).
+// Decode reads every weight once per step, so these kernels have one goal: stream W at memory speed and do as
+// little work per byte as possible. They are not tuned GEMMs: each weight chunk is converted once per pair of
+// tokens and the row block stays in L1/L2 for the next pair, which still beats torch's bf16 matmul on AVX2-only
+// CPUs at any M, but is no match for oneDNN where the CPU has native bf16 (the Python side routes such cases).
 //
-// Needs AVX2 + FMA only (the Python loader checks the CPU before it loads this file; the whole file is compiled
-// with -mavx2 -mfma). Two ops, registered as torch.ops.codegen2_kernels.*:
+// Needs AVX2 + FMA only: the Python loader checks the CPU before loading this file, which is compiled with
+// -mavx2 -mfma. Two ops, registered as torch.ops.codegen2_kernels.*:
 //
-//   linear_bf16(x, w, bias?)        w (N, K) bf16. Products of bf16 values are exact in fp32; sums are fp32.
-//   linear_int8(x, w, scale, bias?) w (N, K) int8 in [-127, 127], scale (N,): W ~= w * scale[:, None].
-//                                   x is quantised per row to int16 (|err| <= max|x_row| / 65534, finer than
-//                                   bf16's own rounding for all but tiny elements) so that the inner loop is an
-//                                   exact integer dot product (vpmaddwd), i.e. twice the work per instruction
-//                                   of an fp32 FMA and no int->float conversion per weight.
+//   linear_bf16(x, w, bias?)        w (N, K) bf16, row-major (the model's own tensor). bf16 x bf16 products are
+//                                   exact in fp32; sums are fp32; the result is rounded once.
+//   linear_int8(x, w, scale, bias?) w int8 packed by pack_int8() in kernels.py: (ceil(N/4), ceil(K/16), 4, 16),
+//                                   w[b, c, r, j] = W[4b + r, 16c + j], zero padded, so that each thread's share
+//                                   is one sequential stream (row-major int8 rows are too short, 2 KiB for K =
+//                                   2048, for the prefetchers: measured ~20% slower). scale (N,): W ~= q * scale.
+//                                   x is quantised per row to int16 (|err| <= max|x_row| / 65534, finer than its
+//                                   bf16 rounding for all but the smallest elements), so the inner loop is an
+//                                   exact integer dot product (vpmaddwd: 16 multiply-adds per instruction, twice an
+//                                   fp32 FMA) with no int -> float conversion per weight.
 //
-// x is (M, K) bf16 or fp32, contiguous; the output is (M, N) in x's dtype. Threads split the output rows
-// (at::parallel_for), so each thread streams one contiguous slab of W.
+// x is (M, K) bf16 or fp32, contiguous; the output is (M, N) in x's dtype. Threads split the output rows into
+// contiguous slabs (at::parallel_for).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -35,10 +39,11 @@
 
 namespace {
 
-constexpr int kRows = 4;        // weight rows per micro-kernel: 4 parallel streams per thread
-constexpr int kTok = 3;         // tokens per micro-kernel pass (3 x 4 accumulators fit the 16 ymm registers)
-constexpr int kChunk = 16;      // K elements per vector step
-constexpr int kFlush = 128;     // int8: chunks summed in int32 before moving to fp32 (see overflow note below)
+constexpr int kRows = 4;     // output rows per block: 4 weight streams (bf16) / the int8 packing factor
+constexpr int kTok = 2;      // tokens per micro-kernel pass (measured best; 3 runs out of the 16 ymm registers)
+constexpr int kChunk = 16;   // K elements per vector step
+constexpr int kFlush = 128;  // int8: chunks summed in int32 before moving to fp32 (overflow note at int8_block)
+constexpr int kPrefetch = 1024;  // int8: software prefetch distance in bytes (+~10% measured; bf16 does not gain)
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -48,36 +53,53 @@ inline float hsum(__m256 v) {
 }
 
 inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
-// Position of element k inside the [even 8 | odd 8] reordering of its 16-chunk (see pack_x_bf16).
-inline int64_t eo_index(int64_t k) {
-  const int64_t j = k % kChunk;
-  return k - j + (j & 1) * 8 + (j >> 1);
+// Eight consecutive activations as fp32 (bf16 -> fp32 is a 16-bit shift).
+inline __m256 load8(const at::BFloat16* p) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 // ---------------------------------------------------------------------------------------------------------
 // bf16 weights. A 32-byte load holds 16 bf16 as 8 int32 lanes: lane i = (w[2i+1] << 16) | w[2i]. Shifting a
-// lane left by 16 gives w[2i] as an fp32, masking the low half gives w[2i+1]: two ops per 16 weights, no
+// lane left by 16 gives w[2i] as an fp32, masking the low half gives w[2i+1]: two ops per 16 weights and no
 // shuffles. x is stored once per call in the matching order, each 16-chunk as [x0 x2 .. x14 | x1 x3 .. x15].
+
+inline int eo_pos(int j) { return (j & 1) * 8 + (j >> 1); }  // where element j of a chunk goes
 
 template <typename T>
 void pack_x_bf16(const T* x, int64_t M, int64_t K, int64_t Kp, float* xf) {
+  const int64_t nc = K / kChunk;
+  constexpr int order = _MM_SHUFFLE(3, 1, 2, 0);
   for (int64_t m = 0; m < M; ++m) {
+    const T* src = x + m * K;
     float* dst = xf + m * Kp;
-    std::fill(dst, dst + Kp, 0.0f);
-    for (int64_t k = 0; k < K; ++k) dst[eo_index(k)] = static_cast<float>(x[m * K + k]);
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m256 lo = load8(src + c * kChunk), hi = load8(src + c * kChunk + 8);
+      // The shuffles give [x0 x2 x8 x10 | x4 x6 x12 x14] (and odd); the 64-bit permute puts the quarters in order.
+      const __m256 even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 odd = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+      _mm256_storeu_ps(dst + c * kChunk, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), order)));
+      _mm256_storeu_ps(dst + c * kChunk + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), order)));
+    }
+    if (nc * kChunk < K) {  // ragged last chunk, zero padded
+      float* tail = dst + nc * kChunk;
+      std::fill(tail, tail + kChunk, 0.0f);
+      for (int j = 0; j < K - nc * kChunk; ++j) tail[eo_pos(j)] = static_cast<float>(src[nc * kChunk + j]);
+    }
   }
 }
 
-// out[m * R + r] = dot(w row r, x row m) for MB tokens and R rows; w points at row 0 of the block.
+// out[m * kRows + r] = dot(row r of w, token m) for MB tokens and R rows; w points at the first row.
 template <int MB, int R>
 inline void bf16_tile(const uint16_t* w, int64_t K, const float* xf, int64_t Kp, float* out) {
-  constexpr int S = MB == 1 ? 2 : 1;  // one token: split even/odd sums to get 8 independent FMA chains
+  constexpr int S = MB == 1 ? 2 : 1;  // one token: separate even/odd sums for 8 independent FMA chains
   __m256 acc[MB][R][S];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
@@ -85,14 +107,18 @@ inline void bf16_tile(const uint16_t* w, int64_t K, const float* xf, int64_t Kp,
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t nc = K / kChunk;
   for (int64_t c = 0; c < nc; ++c) {
+    __m256 xe[MB], xo[MB];
+    for (int m = 0; m < MB; ++m) {
+      xe[m] = _mm256_loadu_ps(xf + m * Kp + c * kChunk);
+      xo[m] = _mm256_loadu_ps(xf + m * Kp + c * kChunk + 8);
+    }
     for (int r = 0; r < R; ++r) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + c * kChunk));
       const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
       const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
       for (int m = 0; m < MB; ++m) {
-        const float* xp = xf + m * Kp + c * kChunk;
-        acc[m][r][0] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xp), acc[m][r][0]);
-        acc[m][r][S - 1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xp + 8), acc[m][r][S - 1]);
+        acc[m][r][0] = _mm256_fmadd_ps(we, xe[m], acc[m][r][0]);
+        acc[m][r][S - 1] = _mm256_fmadd_ps(wo, xo[m], acc[m][r][S - 1]);
       }
     }
   }
@@ -101,24 +127,51 @@ inline void bf16_tile(const uint16_t* w, int64_t K, const float* xf, int64_t Kp,
       __m256 a = acc[m][r][0];
       if (S == 2) a = _mm256_add_ps(a, acc[m][r][S - 1]);
       float sum = hsum(a);
-      for (int64_t k = nc * kChunk; k < K; ++k) sum += bf16_to_float(w[r * K + k]) * xf[m * Kp + eo_index(k)];
-      out[m * R + r] = sum;
+      for (int j = 0; j < K - nc * kChunk; ++j)
+        sum += bf16_to_float(w[r * K + nc * kChunk + j]) * xf[m * Kp + nc * kChunk + eo_pos(j)];
+      out[m * kRows + r] = sum;
     }
   }
 }
 
+struct Bf16Kernel {
+  const uint16_t* w;  // (N, K) row-major
+  const float* xf;    // (M, Kp) in even/odd chunk order
+  int64_t N, K, Kp;
+
+  template <int MB>
+  void block(int64_t b, int64_t m0, float* out) const {
+    const int64_t n0 = b * kRows;
+    const float* x = xf + m0 * Kp;
+    if (n0 + kRows <= N) {
+      bf16_tile<MB, kRows>(w + n0 * K, K, x, Kp, out);
+    } else {  // the ragged last block, one row at a time
+      for (int64_t r = 0; n0 + r < N; ++r) bf16_tile<MB, 1>(w + (n0 + r) * K, K, x, Kp, out + r);
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // int8 weights against int16 activations: vpmovsxbw widens 16 weights, vpmaddwd multiplies and adds pairs into
-// 8 int32 lanes. Overflow: a pair is at most 2 * 127 * 32767 < 2^23, so 128 chunks stay below 2^30 before the
-// int32 sums move into fp32 accumulators.
+// 8 int32 lanes.
 
 template <typename T>
 void pack_x_int16(const T* x, int64_t M, int64_t K, int64_t Kp, int16_t* xq, float* xscale) {
+  const int64_t K8 = K / 8 * 8;
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
   for (int64_t m = 0; m < M; ++m) {
     const T* src = x + m * K;
-    float amax = 0.0f;
-    bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
+    __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256 a = _mm256_andnot_ps(sign, load8(src + k));
+      vmax = _mm256_max_ps(vmax, a);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    float amax = *std::max_element(lanes, lanes + 8);
+    bool finite = _mm256_movemask_ps(bad) == 0;
+    for (int64_t k = K8; k < K; ++k) {
       const float v = static_cast<float>(src[k]);
       finite &= std::isfinite(v);
       amax = std::max(amax, std::fabs(v));
@@ -126,8 +179,17 @@ void pack_x_int16(const T* x, int64_t M, int64_t K, int64_t Kp, int16_t* xq, flo
     // A non-finite input poisons its whole output row, as it would in an fp32 matmul.
     xscale[m] = finite ? amax / 32767.0f : NAN;
     const float inv = (finite && amax > 0.0f) ? 32767.0f / amax : 0.0f;
+    const __m256 vinv = _mm256_set1_ps(inv);
     int16_t* dst = xq + m * Kp;
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      // Round to nearest even (the default MXCSR mode), saturate to int16, undo packs' lane interleave.
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(load8(src + k), vinv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(load8(src + k + 8), vinv));
+      const __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), q);
+    }
+    for (; k < K; ++k) {
       const float q = std::nearbyint(static_cast<float>(src[k]) * inv);
       dst[k] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, q)));
     }
@@ -135,71 +197,57 @@ void pack_x_int16(const T* x, int64_t M, int64_t K, int64_t Kp, int16_t* xq, flo
   }
 }
 
-template <int MB, int R>
-inline void int8_tile(const int8_t* w, int64_t K, const int16_t* xq, int64_t Kp, float* out) {
-  __m256 facc[MB][R];
+// out[m * kRows + r] for one packed block of 4 rows (zero padded, so no tails). Overflow: a vpmaddwd lane is at
+// most 2 * 127 * 32768 < 2^23, so kFlush = 128 chunks stay below 2^30 before moving into fp32.
+template <int MB>
+inline void int8_block(const int8_t* w, int64_t nc, const int16_t* xq, int64_t Kp, float* out) {
+  __m256 facc[MB][kRows];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) facc[m][r] = _mm256_setzero_ps();
-  const int64_t nc = K / kChunk;
+    for (int r = 0; r < kRows; ++r) facc[m][r] = _mm256_setzero_ps();
   for (int64_t c0 = 0; c0 < nc; c0 += kFlush) {
     const int64_t c1 = std::min(nc, c0 + kFlush);
-    __m256i iacc[MB][R];
+    __m256i iacc[MB][kRows];
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) iacc[m][r] = _mm256_setzero_si256();
+      for (int r = 0; r < kRows; ++r) iacc[m][r] = _mm256_setzero_si256();
     for (int64_t c = c0; c < c1; ++c) {
-      for (int r = 0; r < R; ++r) {
+      // One 64-byte line per chunk. A prefetch past the end of the tensor is harmless: it cannot fault.
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * kRows * kChunk + kPrefetch), _MM_HINT_T0);
+      __m256i xv[MB];
+      for (int m = 0; m < MB; ++m)
+        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kChunk));
+      for (int r = 0; r < kRows; ++r) {
         const __m256i v = _mm256_cvtepi8_epi16(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + c * kChunk)));
-        for (int m = 0; m < MB; ++m) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kChunk));
-          iacc[m][r] = _mm256_add_epi32(iacc[m][r], _mm256_madd_epi16(v, xv));
-        }
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (c * kRows + r) * kChunk)));
+        for (int m = 0; m < MB; ++m) iacc[m][r] = _mm256_add_epi32(iacc[m][r], _mm256_madd_epi16(v, xv[m]));
       }
     }
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) facc[m][r] = _mm256_add_ps(facc[m][r], _mm256_cvtepi32_ps(iacc[m][r]));
+      for (int r = 0; r < kRows; ++r) facc[m][r] = _mm256_add_ps(facc[m][r], _mm256_cvtepi32_ps(iacc[m][r]));
   }
-  for (int m = 0; m < MB; ++m) {
-    for (int r = 0; r < R; ++r) {
-      int64_t tail = 0;
-      for (int64_t k = nc * kChunk; k < K; ++k) tail += int64_t(w[r * K + k]) * xq[m * Kp + k];
-      out[m * R + r] = hsum(facc[m][r]) + static_cast<float>(tail);
-    }
-  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kRows; ++r) out[m * kRows + r] = hsum(facc[m][r]);
 }
+
+struct Int8Kernel {
+  const int8_t* w;     // packed (Nb, Kp / 16, 4, 16)
+  const int16_t* xq;   // (M, Kp)
+  int64_t Kp;
+
+  template <int MB>
+  void block(int64_t b, int64_t m0, float* out) const {
+    int8_block<MB>(w + b * kRows * Kp, Kp / kChunk, xq + m0 * Kp, Kp, out);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------------
-// Driver shared by both weight types: split the rows over threads, run each row block for groups of <= kTok
-// tokens (the block's weights stay in L1/L2 between groups), then scale, add the bias and store.
+// Driver shared by both weight types: split the row blocks over threads; for each block run the tokens in
+// pairs (the block's weights stay in L1/L2 between pairs), then scale, add the bias and store.
 
-template <int R, typename Tile>
-inline void run_tile(const Tile& tile, int mb, int64_t n, int64_t m0, float* out) {
-  switch (mb) {
-    case 1: tile.template run<1, R>(n, m0, out); break;
-    case 2: tile.template run<2, R>(n, m0, out); break;
-    default: tile.template run<kTok, R>(n, m0, out); break;
-  }
-}
-
-// out holds [mb][R] dot products for rows n.. n+R-1 and tokens m0.. m0+mb-1.
-template <typename OutT>
-inline void store(const float* out, int mb, int R, int64_t n, int64_t m0, int64_t N, OutT* y, const float* bias,
-                  const float* row_scale, const float* tok_scale) {
-  for (int m = 0; m < mb; ++m) {
-    for (int r = 0; r < R; ++r) {
-      float v = out[m * R + r];
-      if (row_scale) v *= row_scale[n + r] * tok_scale[m0 + m];
-      if (bias) v += bias[n + r];
-      y[(m0 + m) * N + n + r] = static_cast<OutT>(v);
-    }
-  }
-}
-
-template <typename OutT, typename Tile>
-void run_blocks(const Tile& tile, int64_t M, int64_t N, int64_t K, int64_t weight_bytes, OutT* y,
+template <typename OutT, typename Kernel>
+void run_blocks(const Kernel& kernel, int64_t M, int64_t N, int64_t K, int64_t weight_bytes, OutT* y,
                 const float* bias, const float* row_scale, const float* tok_scale) {
   const int64_t nblocks = (N + kRows - 1) / kRows;
-  // At least ~64 KiB of weights per task, so tiny layers are not split across threads.
+  // At least ~64 KiB of weights per task, so that tiny layers are not split across threads.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, kRows * K * weight_bytes));
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     float out[kTok * kRows];
@@ -208,13 +256,18 @@ void run_blocks(const Tile& tile, int64_t M, int64_t N, int64_t K, int64_t weigh
       const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
       for (int64_t m0 = 0; m0 < M; m0 += kTok) {
         const int mb = static_cast<int>(std::min<int64_t>(kTok, M - m0));
-        if (rows == kRows) {
-          run_tile<kRows>(tile, mb, n0, m0, out);
-          store(out, mb, kRows, n0, m0, N, y, bias, row_scale, tok_scale);
-        } else {  // the ragged last block, one row at a time
+        if (mb == 1) {
+          kernel.template block<1>(b, m0, out);
+        } else {
+          kernel.template block<kTok>(b, m0, out);
+        }
+        for (int m = 0; m < mb; ++m) {
           for (int r = 0; r < rows; ++r) {
-            run_tile<1>(tile, mb, n0 + r, m0, out);
-            store(out, mb, 1, n0 + r, m0, N, y, bias, row_scale, tok_scale);
+            const int64_t n = n0 + r;
+            float v = out[m * kRows + r];
+            if (row_scale) v *= row_scale[n] * tok_scale[m0 + m];
+            if (bias) v += bias[n];
+            y[(m0 + m) * N + n] = static_cast<OutT>(v);
           }
         }
       }
@@ -222,69 +275,54 @@ void run_blocks(const Tile& tile, int64_t M, int64_t N, int64_t K, int64_t weigh
   });
 }
 
-struct Bf16Tile {
-  const uint16_t* w;
-  const float* xf;
-  int64_t K, Kp;
-  template <int MB, int R>
-  void run(int64_t n, int64_t m0, float* out) const { bf16_tile<MB, R>(w + n * K, K, xf + m0 * Kp, Kp, out); }
-};
-
-struct Int8Tile {
-  const int8_t* w;
-  const int16_t* xq;
-  int64_t K, Kp;
-  template <int MB, int R>
-  void run(int64_t n, int64_t m0, float* out) const { int8_tile<MB, R>(w + n * K, K, xq + m0 * Kp, Kp, out); }
-};
-
 void check_x(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "codegen2_kernels: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "codegen2_kernels: x must be a contiguous (M, K) matrix");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "codegen2_kernels: x must be bf16 or fp32");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
-              "codegen2_kernels: w must be a contiguous (N, K) matrix matching x");
+  TORCH_CHECK(w.is_contiguous(), "codegen2_kernels: w must be contiguous");
 }
 
-std::vector<float> to_float_vector(const std::optional<at::Tensor>& t, int64_t n, const char* what) {
-  if (!t.has_value() || !t->defined()) return {};
+// An optional per-row vector as a contiguous fp32 tensor (undefined if absent).
+at::Tensor row_vector(const std::optional<at::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
   TORCH_CHECK(t->numel() == n, "codegen2_kernels: ", what, " must have ", n, " elements");
-  at::Tensor f = t->to(at::kFloat).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + n);
+  return t->to(at::kFloat).contiguous();
 }
+
+inline const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 template <typename T>
-at::Tensor linear_bf16_impl(const at::Tensor& x, const at::Tensor& w, const std::vector<float>& bias) {
+at::Tensor linear_bf16_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const int64_t Kp = (K + kChunk - 1) / kChunk * kChunk;
   std::vector<float> xf(M * Kp);
   pack_x_bf16(x.data_ptr<T>(), M, K, Kp, xf.data());
   at::Tensor y = at::empty({M, N}, x.options());
-  const Bf16Tile tile{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xf.data(), K, Kp};
-  run_blocks(tile, M, N, K, 2, y.data_ptr<T>(), bias.empty() ? nullptr : bias.data(), nullptr, nullptr);
+  const Bf16Kernel kernel{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xf.data(), N, K, Kp};
+  run_blocks(kernel, M, N, K, 2, y.data_ptr<T>(), ptr_or_null(bias), nullptr, nullptr);
   return y;
 }
 
 template <typename T>
-at::Tensor linear_int8_impl(const at::Tensor& x, const at::Tensor& w, const std::vector<float>& scale,
-                            const std::vector<float>& bias) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const int64_t Kp = (K + kChunk - 1) / kChunk * kChunk;
+at::Tensor linear_int8_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                            const at::Tensor& bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = scale.numel();
+  const int64_t Kp = w.size(1) * kChunk;
   std::vector<int16_t> xq(M * Kp);
   std::vector<float> xscale(M);
   pack_x_int16(x.data_ptr<T>(), M, K, Kp, xq.data(), xscale.data());
   at::Tensor y = at::empty({M, N}, x.options());
-  const Int8Tile tile{w.data_ptr<int8_t>(), xq.data(), K, Kp};
-  run_blocks(tile, M, N, K, 1, y.data_ptr<T>(), bias.empty() ? nullptr : bias.data(), scale.data(),
-             xscale.data());
+  const Int8Kernel kernel{w.data_ptr<int8_t>(), xq.data(), Kp};
+  run_blocks(kernel, M, N, K, 1, y.data_ptr<T>(), ptr_or_null(bias), scale.data_ptr<float>(), xscale.data());
   return y;
 }
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   check_x(x, w);
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "codegen2_kernels.linear_bf16: w must be bf16");
-  const std::vector<float> b = to_float_vector(bias, w.size(0), "bias");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.size(1) == x.size(1),
+              "codegen2_kernels.linear_bf16: w must be a bf16 (N, K) matrix matching x");
+  const at::Tensor b = row_vector(bias, w.size(0), "bias");
   if (x.scalar_type() == at::kBFloat16) return linear_bf16_impl<at::BFloat16>(x, w, b);
   return linear_bf16_impl<float>(x, w, b);
 }
@@ -292,9 +330,12 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::opti
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
   check_x(x, w);
-  TORCH_CHECK(w.scalar_type() == at::kChar, "codegen2_kernels.linear_int8: w must be int8");
-  const std::vector<float> s = to_float_vector(scale, w.size(0), "scale");
-  const std::vector<float> b = to_float_vector(bias, w.size(0), "bias");
+  const int64_t N = scale.numel(), K = x.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(0) == (N + kRows - 1) / kRows &&
+                  w.size(1) == (K + kChunk - 1) / kChunk && w.size(2) == kRows && w.size(3) == kChunk,
+              "codegen2_kernels.linear_int8: w must be int8 packed as (ceil(N/4), ceil(K/16), 4, 16)");
+  const at::Tensor s = row_vector(scale, N, "scale");
+  const at::Tensor b = row_vector(bias, N, "bias");
   if (x.scalar_type() == at::kBFloat16) return linear_int8_impl<at::BFloat16>(x, w, s, b);
   return linear_int8_impl<float>(x, w, s, b);
 }

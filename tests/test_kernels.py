@@ -1,0 +1,283 @@
+"""DecodeLinear and prepare_for_decode: native kernels and the PyTorch fallback against fp32 references.
+
+The native tests are skipped where the kernels cannot be built (no AVX2/FMA, no compiler); the fallback tests
+always run. The first run in a fresh cache compiles the extension once (~15-20 s), shared by the whole session.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codegen2.engine import kernels
+from codegen2.engine.kernels import (DecodeLinear, kernels_available, pack_int8, prepare_for_decode, quantize_int8,
+                                     unpack_int8)
+from codegen2.models.codegen2 import CodeGen2, CodeGen2Config
+from codegen2.models.llama import Llama, LlamaConfig
+
+SHAPES = [(1000, 2048), (51200, 64), (37, 69), (6, 200)]  # (N, K): odd K, ragged N, K % 16 != 0
+MS = [1, 2, 5, 16, 40]
+U = 2.0**-8  # bf16 unit roundoff: rounding a value to bf16 changes it by at most U times its size
+
+
+@pytest.fixture(scope="module")
+def native() -> bool:
+    return kernels_available()
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, native, monkeypatch) -> str:
+    """Each test runs on both paths; the layer reads the choice when it is built."""
+    if request.param == "native" and not native:
+        pytest.skip("native kernels unavailable on this machine")
+    if request.param == "torch":
+        monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    return request.param
+
+
+def make_linear(N: int, K: int, bias: bool, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 1.0)
+        if bias:
+            lin.bias.normal_(0.0, 1.0)
+    return lin.to(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16
+
+
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_matches_fp32_reference(path, N, K, bias):
+    lin = make_linear(N, K, bias)
+    ref_w, ref_b = lin.weight.detach().float(), None if lin.bias is None else lin.bias.detach().float()
+    layer = DecodeLinear.from_linear(lin, "bf16")
+    assert layer.native == (path == "native")
+    for M in MS:
+        x = torch.randn(M, K).bfloat16()
+        ref = F.linear(x.float(), ref_w, ref_b)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+        # One rounding of an fp32-accumulated result, plus fp32 summation-order noise.
+        torch.testing.assert_close(y.float(), ref, rtol=U, atol=1e-3, msg=f"M={M}")
+
+
+def test_bf16_shapes_dtypes_and_layouts(path):
+    lin = make_linear(48, 96, bias=True)
+    layer = DecodeLinear.from_linear(lin, "bf16")
+    x = torch.randn(2, 3, 192).bfloat16()[..., ::2]  # (B, T, K), non-contiguous
+    ref = F.linear(x.float(), lin.weight.detach().float(), lin.bias.detach().float())
+    torch.testing.assert_close(layer(x).float(), ref, rtol=U, atol=1e-3)
+    y32 = layer(x.float())  # fp32 in, fp32 out
+    assert y32.dtype == torch.float32 and y32.shape == (2, 3, 48)
+    torch.testing.assert_close(y32, ref, rtol=U, atol=1e-3)
+    assert layer(torch.zeros(0, 96, dtype=torch.bfloat16)).shape == (0, 48)
+
+
+def test_bf16_uses_the_weight_in_place():
+    lin = make_linear(64, 32, bias=False)
+    ptr = lin.weight.data_ptr()
+    layer = DecodeLinear.from_linear(lin, "bf16")
+    assert layer.weight.data_ptr() == ptr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# int8
+
+
+def test_quantize_int8_error_bound():
+    torch.manual_seed(0)
+    w = torch.randn(300, 77).bfloat16()
+    w[5] = 0  # an all-zero row
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (300,)
+    assert int(q.abs().max()) <= 127
+    assert s[5] == 0 and not q[5].any()
+    nonzero = s > 0
+    # The largest entry of each row maps to exactly +-127.
+    assert bool((q[nonzero].abs().amax(1) == 127).all())
+    # Round to nearest: |w - q s| <= s / 2 (plus fp32 rounding of the division).
+    err = (w.float() - q.float() * s[:, None]).abs()
+    assert bool((err <= s[:, None] * (0.5 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_pack_int8_layout(N, K):
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    w = pack_int8(q)
+    assert w.shape == (-(-N // 4), -(-K // 16), 4, 16)
+    assert torch.equal(w[0, 0, 1, :3], q[1, :3]) and torch.equal(w[-1, -1, (N - 1) % 4, (K - 1) % 16], q[-1, -1])
+    assert torch.equal(unpack_int8(w, N, K), q)
+    assert int(w.abs().sum()) == int(q.abs().sum())  # the padding is zeros
+
+
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_matches_dequantized_reference(path, N, K, bias):
+    lin = make_linear(N, K, bias, seed=1)
+    layer = DecodeLinear.from_linear(lin, "int8")
+    b = None if lin.bias is None else lin.bias.detach().float()
+    assert layer.weight.dtype == torch.int8 and layer.scale.dtype == torch.float32
+    # Independent reference: the weight quantized here, dequantized in fp32.
+    q, s = quantize_int8(lin.weight.detach())
+    assert torch.equal(unpack_int8(layer.weight, N, K), q) and torch.equal(layer.scale, s)
+    w_deq = q.float() * s[:, None]
+    for M in MS:
+        x = torch.randn(M, K).bfloat16()
+        ref = F.linear(x.float(), w_deq, b)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+        # Hand-computed bound per output. Native: x is rounded to int16 steps of max|x_row| / 32767, so each
+        # product is off by at most half a step times |w|. Fallback: the dequantized weight is rounded to bf16
+        # (U of each |w x|). Both: one final bf16 rounding and fp32 summation noise.
+        abs_wx = F.linear(x.float().abs(), w_deq.abs())  # (M, N): sum_k |w_nk x_mk|
+        if path == "native":
+            step = x.float().abs().amax(1, keepdim=True) / 32767
+            input_err = 0.5 * step * w_deq.abs().sum(1)
+        else:
+            input_err = U * abs_wx
+        bound = input_err + U * ref.abs() + 1e-5 * abs_wx + 1e-4
+        err = (y.float() - ref).abs()
+        assert bool((err <= bound).all()), f"M={M}: worst excess {float((err - bound).max())}"
+
+
+def test_int8_fp32_input_and_nonfinite(path):
+    lin = make_linear(20, 64, bias=True)
+    layer = DecodeLinear.from_linear(lin, "int8")
+    x = torch.randn(3, 64)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    w_deq = unpack_int8(layer.weight, 20, 64).float() * layer.scale[:, None]
+    ref = F.linear(x, w_deq, lin.bias.detach().float())
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+    x[1, 7] = float("nan")
+    y = layer(x)
+    assert bool(y[1].isnan().all()) and bool(y[[0, 2]].isfinite().all())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole models
+
+
+def tiny_codegen2() -> CodeGen2:
+    torch.manual_seed(0)
+    model = CodeGen2(CodeGen2Config(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, vocab_size=51200, n_positions=256))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    return model.to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("T", [9, 40])  # decode-sized and prefill-sized M
+def test_prepare_bf16_model_matches(path, T):
+    model = tiny_codegen2()
+    tokens = torch.randint(0, 51200, (1, T))
+    with torch.no_grad():
+        ref = model(tokens)
+        prepare_for_decode(model, "bf16")
+        assert not any(type(m) is nn.Linear for m in model.modules())
+        out = model(tokens)
+    # Same weights, fp32 accumulation on both sides: only rounding-order differences, amplified a little by 2
+    # layers. Logits are O(1) here.
+    torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
+    assert bool((out.argmax(-1) == ref.argmax(-1)).all())
+
+
+def test_prepare_int8_model_greedy(path):
+    model = tiny_codegen2()
+    tokens = torch.randint(0, 51200, (2, 16))
+    wqkv = weakref.ref(model.layers[0].attention.wqkv.weight)
+    with torch.no_grad():
+        ref = model(tokens)
+        prepare_for_decode(model, "int8")
+        out = model(tokens)
+    gc.collect()
+    assert wqkv() is None, "the bf16 weight of a quantized Linear must be freed"
+    assert all(m.weight.dtype == torch.int8 for m in model.modules() if isinstance(m, DecodeLinear))
+    # Rule: greedy argmax equal on >= 90% of positions, and where it differs the reference's choice is within
+    # 0.1 (a few quantization steps of these ~N(0, 1) logits) of the top logit.
+    agree = out.argmax(-1) == ref.argmax(-1)
+    assert float(agree.float().mean()) >= 0.9
+    picked = out.gather(-1, ref.argmax(-1, keepdim=True)).squeeze(-1)
+    assert bool((out.amax(-1) - picked)[~agree].le(0.1).all())
+    assert float((out - ref).abs().max()) < 0.25
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_prepare_tied_embeddings(path, mode):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(n_layers=1, dim=64, n_heads=4, intermediate_size=176, vocab_size=51200, max_seq_len=64,
+                      tie_word_embeddings=True)
+    model = Llama(cfg).to(torch.bfloat16).eval()
+    emb = model.tok_embeddings.weight
+    emb_before = emb.detach().clone()
+    tokens = torch.randint(0, 51200, (1, 5))
+    with torch.no_grad():
+        ref = model(tokens)
+        prepare_for_decode(model, mode)
+        out = model(tokens)
+    assert model.tok_embeddings.weight is emb and torch.equal(emb.detach(), emb_before)  # embedding untouched
+    if mode == "bf16":
+        assert model.output.weight is emb  # still tied: one copy
+        torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
+    else:
+        assert model.output.weight.dtype == torch.int8
+        # Logits reach ~60 here (unit-variance embeddings); int8 rows carry ~0.5% error.
+        assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+
+def test_prepare_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        prepare_for_decode(nn.Sequential(nn.Linear(4, 4)), "int4")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selection of the path
+
+
+def test_env_var_forces_fallback(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    assert not kernels_available()
+    assert not DecodeLinear.from_linear(make_linear(8, 16, bias=False)).native
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    """A fresh process with a broken source file: one warning, no exception, a working fallback layer."""
+    if not kernels._cpu_supported():
+        pytest.skip("no build is attempted on this CPU")
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++\n")
+    code = f"""
+import warnings, torch
+from pathlib import Path
+from codegen2.engine import kernels
+kernels._SOURCE = Path({str(bad)!r})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ok = [kernels.kernels_available() for _ in range(3)]
+    layer = kernels.DecodeLinear.from_linear(torch.nn.Linear(16, 8).bfloat16(), "int8")
+    y = layer(torch.randn(2, 16).bfloat16())
+assert ok == [False] * 3, ok
+assert not layer.native and y.shape == (2, 8)
+mine = [w for w in caught if "codegen2 kernels unavailable" in str(w.message)]
+assert len(mine) == 1, [str(w.message) for w in caught]
+print("OK")
+"""
+    env = {k: v for k, v in os.environ.items() if k != kernels.ENV_VAR}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
