@@ -18,7 +18,7 @@ import torch
 @dataclass
 class SamplingParams:
     max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below 1e-5) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     min_p: float = 0.0  # drop tokens whose probability is below min_p * the top probability
@@ -62,7 +62,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5 dividing the logits by the temperature can overflow to inf and NaN; such a temperature
+        # is greedy in all but name (vLLM's rule).
+        return self.temperature < 1e-5
 
 
 def _int(v) -> bool:
@@ -100,6 +102,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays.
         drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop_sorted[..., 0] = False  # even a top_p that rounds to 0 in fp32 keeps the most likely token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if params.min_p > 0:
