@@ -26,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="sequences generated together, one KV-cache slot each; more requests wait in a queue")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype (default bf16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--quant", default="auto", choices=["auto", "bf16", "int8", "torch"],
+                   help="matrix kernels: int8 = weight-only int8; auto = native bf16 kernels for bf16 on CPU")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="let browser pages from this origin call the API (repeatable, '*' for any); off by default")
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
         try:
             directory = resolve(args.model)
             model = load_model(directory, dtype=args.dtype, device=args.device)
-            return Engine(model, load_tokenizer(directory), max_batch=args.max_concurrency)
+            return Engine(model, load_tokenizer(directory), max_batch=args.max_concurrency, linear=args.quant)
         except BaseException:
             server.should_exit = True  # a server without a model only answers 503: stop instead
             raise
