@@ -1,4 +1,4 @@
-"""The ``codegen2`` command line: complete | infill | serve | convert.
+"""The ``codegen2`` command line: complete | infill | serve | eval | convert.
 
     codegen2 complete --model DIR_OR_HUB_ID "def fib(n):"
     codegen2 infill --model M --prefix "def f(x):\n    " --suffix "\n    return y\n"
@@ -117,9 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: as stored)")
     p.add_argument("--mp-num", type=int, choices=[4, 8], help="override CodeGen2's detected qkv layout")
 
+    from codegen2.eval import cli as eval_cli
     from codegen2.server import cli as serve_cli
 
     serve_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     from codegen2.models.checkpoint import CheckpointError
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             serve_cli.run(args)
+        elif args.command == "eval":
+            eval_cli.run(args)
         elif args.command == "convert":
             from codegen2.models.checkpoint import load_model, resolve, save_model
 

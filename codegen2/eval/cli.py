@@ -1,0 +1,90 @@
+"""``codegen2 eval TASK``: generate with a model and score, or score samples made elsewhere (``--samples``).
+
+    codegen2 eval humaneval --model Salesforce/codegen2-1B_P --n-samples 20 --temperature 0.2 --top-p 0.95
+    codegen2 eval humaneval-infill-single-line --model DIR --out runs/single-line
+    codegen2 eval mbpp --samples completions.jsonl          # JSON lines with task_id and completion
+
+Also runnable on its own: ``python -m codegen2.eval.cli TASK ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from codegen2.eval import tasks
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="pass@k on HumanEval, HumanEval-Infill, MBPP or HumanEval+",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=tasks.TASKS)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory or Hugging Face hub id")
+    src.add_argument("--samples", help="score these completions (JSON lines: task_id, completion); no model")
+    p.add_argument("--n-samples", type=int, default=20, help="samples per problem (default 20)")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--workers", type=int, help="programs executed at once (default: CPU count)")
+    p.add_argument("--timeout", type=float, help="seconds per program (default 3; humaneval-plus 20; a few slow problems x4)")
+    p.add_argument("--limit", type=int, help="only the first N problems")
+    p.add_argument("--data", help="data file, or a directory holding it (default: bundled copy, else download)")
+    p.add_argument("--out", help="output directory (default eval-results/TASK); a re-run resumes it")
+
+
+def run(args: argparse.Namespace) -> None:
+    from codegen2.eval import run as ev
+    from codegen2.eval.datasets import DatasetError, load
+
+    try:
+        problems = load(args.task, args.data)[: args.limit]
+        out = Path(args.out or Path("eval-results") / args.task)
+        if args.samples:
+            path = Path(args.samples)
+            ev.check_config(out, {"task": args.task, "samples": str(path.resolve()),
+                                  "samples_sha256": ev.file_sha256(path), "limit": args.limit})
+            samples = ev.read_samples(args.task, path, problems)
+            settings = {"samples_file": str(path)}
+        else:
+            settings = {"model": args.model, "n_samples": args.n_samples, "temperature": args.temperature,
+                        "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed, "dtype": args.dtype}
+            ev.check_config(out, {"task": args.task, **settings})
+            samples = ev.generate(args.task, problems, _engine(args), out, args.n_samples, args.max_tokens,
+                                  args.temperature, args.top_p, args.seed)
+        results, mode = ev.execute(args.task, problems, samples, out, args.workers, args.timeout)
+        summary = ev.summarize(args.task, problems, results, out,
+                               {**settings, "timeout": args.timeout or tasks.TIMEOUTS.get(args.task, 3.0),
+                                "sandbox": mode})
+    except (DatasetError, ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    print((out / "summary.md").read_text(), end="")
+    print(json.dumps({k: v for k, v in summary.items() if k.startswith("pass@")}), f"-> {out}")
+
+
+def _engine(args: argparse.Namespace):
+    import torch
+
+    from codegen2.engine.engine import Engine
+    from codegen2.models.checkpoint import load_model, resolve
+    from codegen2.tokenizer import load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    directory = resolve(args.model)
+    model = load_model(directory, dtype=args.dtype, device=device)
+    return Engine(model, load_tokenizer(directory), max_batch=args.max_batch)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="codegen2")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(["eval", *__import__("sys").argv[1:]])
