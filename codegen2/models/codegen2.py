@@ -119,7 +119,10 @@ class Attention(nn.Module):
         scores = torch.matmul(q, k.float().transpose(-1, -2)) / self.scale  # (B, H, T, S) fp32
         scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v)  # (B, H, T, D)
+        # probs are rounded to v's dtype as in the reference; the product runs in fp32 and is rounded once,
+        # which is what a half-precision matmul computes too, but torch's CPU bf16 batched matmul is a slow
+        # element-by-element loop.
+        out = torch.matmul(probs.float(), v.float()).to(v.dtype)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, E))
 
 
