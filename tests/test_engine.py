@@ -298,6 +298,7 @@ def test_sampling_frequencies_follow_the_distribution():
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(presence_penalty=3), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"), (dict(stop=[""]), "stop strings"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"), (dict(n=0), "n must"), (dict(seed="x"), "seed"),
+    (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
     (dict(logprobs=50), "logprobs"), (dict(temperature=float("nan")), "temperature"),
     (dict(max_tokens=True), "max_tokens"),
 ])

@@ -244,7 +244,7 @@ ERRORS = [  # (path, body (str: raw), status, words in the message, param)
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of must equal n", "best_of"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "logprobs with echo", "logprobs"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings must be non-empty", "stop"),
-    ("/v1/completions", {"prompt": "x", "seed": 1 << 70}, 400, "seed must fit in 64 bits", "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": 1 << 70}, 400, "seed must be an integer in", "seed"),
     ("/v1/completions", {"prompt": "x", "stop": ["a"] * 33}, 400, "at most 32 strings", "stop"),
     ("/infill", {"input_prefix": 5}, 422, "input_prefix", "input_prefix"),
     ("/infill", {"input_prefix": "x", "n_predict": 0}, 400, "max_tokens must be", None),

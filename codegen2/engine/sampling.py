@@ -52,7 +52,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop!r}"),
             (all(_int(i) and i >= 0 for i in self.stop_token_ids), f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}"),
             (_int(self.n) and 1 <= self.n <= self.MAX_N, f"n must be an integer in [1, {self.MAX_N}], got {self.n!r}"),
-            (self.seed is None or _int(self.seed), f"seed must be an integer, got {self.seed!r}"),
+            (self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63 - self.MAX_N),
+             f"seed must be an integer in [0, 2**63 - {self.MAX_N}), got {self.seed!r}"),
             (self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
              f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}"),
         ]

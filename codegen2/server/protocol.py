@@ -103,8 +103,6 @@ class LlamaCompletionRequest(_Llama):
 
 def harden(params: SamplingParams) -> SamplingParams:
     """Limits for values SamplingParams accepts but a shared server must not run (ValueError names the field)."""
-    if params.seed is not None and not -(1 << 63) <= params.seed < (1 << 63) - params.n:
-        raise ValueError(f"seed must fit in 64 bits (with seed + n), got {params.seed}")
     if len(params.stop) > 32 or any(len(s) > 1000 for s in params.stop):  # matching costs grow with both
         raise ValueError("stop takes at most 32 strings of at most 1,000 characters each")
     # vLLM's rule: below 1e-5 sampling is greedy anyway, and logits / ~1e-38 overflow fp32 (inf, then NaN);
