@@ -13,9 +13,10 @@ Guarantees in ``namespaces`` mode (needs root or CAP_SYS_ADMIN; CI and the tests
 - PID 1 of its own PID namespace: when it ends or is killed, the kernel kills every process it started (double
   forks and daemons included); it cannot see or signal anything outside, the harness included;
 - its own network namespace (one per worker) with no interface up: no network, not even loopback;
-- a private mount namespace with fresh, size-limited tmpfs on /tmp (its working directory), /var/tmp, /dev/shm
-  and /run/lock, gone with the sample; elsewhere it can change only what the world may change. Directories of the
-  interpreter under a private directory (e.g. /root/.pyenv) are made reachable, the rest of it stays hidden;
+- a private mount namespace with fresh, size-limited tmpfs on /tmp (its working directory is /tmp/work),
+  /var/tmp, /dev/shm and /run/lock, gone with the sample; elsewhere it can change only what the world may change.
+  Directories of the interpreter under a private directory (e.g. /root/.pyenv) are made reachable, the rest of it
+  stays hidden; an interpreter that lives under /tmp (a venv there) is bound back into the sample's /tmp;
 - a scrubbed environment, stdin from /dev/null, stdout discarded;
 - a pass needs the program to run to its end and the harness to say so: ``sys.exit(0)`` or ``os._exit(0)``
   before the asserts is a failure.
@@ -186,7 +187,9 @@ def _zygote_main(config: dict) -> None:
         try:  # once per zygote: no network for any sample it forks, and a mount tree they may see
             _libc_call("unshare", CLONE_NEWNS | CLONE_NEWNET)
             _libc_call("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)  # nothing propagates to the host
+            _hold_scratch_paths([sys.prefix, sys.base_prefix, *sys.path])
             _libc_call("mount", b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0700")
+            _rebind_scratch_paths()
             _expose([sys.prefix, sys.base_prefix, *sys.path])
             own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
             probe = _run({"program": "import os, json", "timeout": 30}, limits, slot, own_pid_ns)
@@ -212,6 +215,33 @@ def _zygote_main(config: dict) -> None:
         out.flush()
 
 
+_scratch_held: list[tuple[str, str]] = []  # (interpreter path inside a scratch dir, where it is staged)
+
+
+def _hold_scratch_paths(paths: list[str]) -> None:
+    """An interpreter (e.g. a venv) may live under /tmp, which the sandbox covers with a fresh tmpfs. Before it
+    is covered, bind each such path into a staging tmpfs (over an unused top-level directory, in our own mount
+    namespace only) so that it can be bound back at its own place afterwards."""
+    hidden = [p for p in sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)}, key=len)
+              if any(p == d or p.startswith(d + "/") for d in SCRATCH_DIRS)]
+    if not hidden:
+        return
+    stage = next(d for d in ("/srv", "/media", "/mnt", "/opt") if os.path.isdir(d))
+    _libc_call("mount", b"tmpfs", stage.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755")
+    for i, path in enumerate(hidden):
+        target = os.path.join(stage, str(i))
+        os.mkdir(target)
+        _libc_call("mount", path.encode(), target.encode(), None, MS_BIND | MS_REC, None)
+        _scratch_held.append((path, target))
+
+
+def _rebind_scratch_paths() -> None:
+    """After a scratch dir was covered: bind the staged interpreter paths back at their own place."""
+    for path, staged in _scratch_held:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _libc_call("mount", staged.encode(), path.encode(), None, MS_BIND | MS_REC, None)
+
+
 def _expose(paths: list[str]) -> None:
     """Let the unprivileged sample reach the interpreter's files even when they sit under a private directory
     (e.g. ~/.pyenv under /root, mode 0700): in our own mount namespace, each such directory is covered by a tmpfs
@@ -221,6 +251,8 @@ def _expose(paths: list[str]) -> None:
         parts = path.split("/")[1:]
         for i in range(len(parts)):
             parent = "/" + "/".join(parts[:i])
+            if any(parent == d or parent.startswith(d + "/") for d in SCRATCH_DIRS):
+                continue  # each sample gets these as its own tmpfs, with the held paths bound back in
             if not os.stat(parent).st_mode & 0o001:  # others may not traverse it
                 needed.setdefault(parent, set()).add(parts[i])
     for parent in sorted(needed, key=len):  # outermost first, so nested private directories work too
@@ -254,7 +286,8 @@ def _run(request: dict, limits: Limits, slot: int, own_pid_ns: int) -> dict:
     if isolated:  # reset our children's PID namespace to ours, then ask for a fresh one for the next child
         _libc_call("setns", own_pid_ns, CLONE_NEWPID)
         _libc_call("unshare", CLONE_NEWPID)
-    workdir = "/tmp" if isolated else tempfile.mkdtemp(prefix="codegen2-eval-")
+    # /tmp/work inside the sample's own /tmp tmpfs: /tmp itself may hold an interpreter bound back in.
+    workdir = "/tmp/work" if isolated else tempfile.mkdtemp(prefix="codegen2-eval-")
     res_r, res_w = os.pipe()
     err_r, err_w = os.pipe()
     pid = os.fork()
@@ -333,7 +366,6 @@ def _sample(program: str, timeout: float, limits: Limits, slot: int, isolated: b
         os.setsid()  # its own group: kill(0, ...) and killpg(...) reach only the sample's processes
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0), os.dup2(null, 1), os.dup2(err_w, 2), os.dup2(res_w, 3)
-        os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the zygote's pipes among them
         if isolated:  # a private copy of the zygote's mount tree with fresh scratch space; gone when we are
             uid = UID_BASE + slot
             _libc_call("unshare", CLONE_NEWNS)
@@ -342,6 +374,10 @@ def _sample(program: str, timeout: float, limits: Limits, slot: int, isolated: b
                     size, mode = (limits.tmpfs_mb, "0700") if d == "/tmp" else (1, "1777")
                     _libc_call("mount", b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
                                f"size={size}m,mode={mode},uid={uid},gid={uid}".encode())
+            _rebind_scratch_paths()
+            os.mkdir(workdir, 0o700)
+            os.chown(workdir, uid, uid)
+        os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the zygote's pipes among them
         mb = 1 << 20
         for which, value in [(resource.RLIMIT_AS, limits.memory_mb * mb), (resource.RLIMIT_FSIZE, limits.file_mb * mb),
                              (resource.RLIMIT_CPU, int(timeout) + 1), (resource.RLIMIT_NPROC, limits.nproc),
