@@ -105,11 +105,7 @@ def harden(params: SamplingParams) -> SamplingParams:
     """Limits for values SamplingParams accepts but a shared server must not run (ValueError names the field)."""
     if len(params.stop) > 32 or any(len(s) > 1000 for s in params.stop):  # matching costs grow with both
         raise ValueError("stop takes at most 32 strings of at most 1,000 characters each")
-    # vLLM's rule: below 1e-5 sampling is greedy anyway, and logits / ~1e-38 overflow fp32 (inf, then NaN);
-    # a top_p that rounds to 0 in fp32 drops every token. Either would fail the engine's step for every request.
-    if params.temperature < 1e-5:
-        params.temperature = 0.0
-    params.top_p = max(params.top_p, 1e-5)
+    # Tiny temperatures and top_p values are made safe by the sampler itself (engine/sampling.py).
     return params
 
 
