@@ -1,9 +1,11 @@
-"""The ``codegen2`` command line: complete | infill | serve | eval | convert.
+"""The ``codegen2`` command line: complete | infill | serve | eval | train | data | convert.
 
     codegen2 complete --model DIR_OR_HUB_ID "def fib(n):"
     codegen2 infill --model M --prefix "def f(x):\n    " --suffix "\n    return y\n"
     codegen2 infill --model M --file x.py --line 12        # the hole is at the start of line 12
     codegen2 convert SRC DST --dtype bf16
+    codegen2 data build --source DIR --out corpus/    # license-filtered, deduplicated token shards
+    codegen2 train --config run.toml optim.lr=1e-3    # see codegen2/train/loop.py
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
 
     serve_cli.add_parser(sub)
     eval_cli.add_parser(sub)
+    from codegen2.train import data, loop
+
+    loop.add_parser(sub)
+    data.add_parser(sub)
 
     args = parser.parse_args(argv)
     from codegen2.models.checkpoint import CheckpointError
@@ -131,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
             serve_cli.run(args)
         elif args.command == "eval":
             eval_cli.run(args)
+        elif args.command == "train":
+            loop.run(args)
+        elif args.command == "data":
+            data.run(args)
         elif args.command == "convert":
             from codegen2.models.checkpoint import load_model, resolve, save_model
 

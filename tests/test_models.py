@@ -134,3 +134,29 @@ def test_position_past_context_is_a_clear_error(pair):
     x = _tokens(1, 2)
     with pytest.raises(ValueError, match="past the model's"):
         ours(x, torch.tensor([[0, ours.config.max_seq_len]]))
+
+
+def test_training_mode_fused_attention_matches_transformers_and_its_gradients(pair):
+    """Training mode (no positions, no cache) takes the fused causal SDPA path: same logits as transformers,
+    and the same gradients as the reference path of eval mode."""
+    hf, ours = pair
+    x = _tokens(2, 40, seed=3)
+    with torch.no_grad():
+        ref = hf(x).logits.float()
+    ours.requires_grad_(True)
+    try:
+        ours.train()
+        got = ours(x)
+        assert (got - ref).abs().max().item() <= 1e-5
+        got.logsumexp(-1).mean().backward()
+        fused = {n: p.grad.clone() for n, p in ours.named_parameters()}
+        ours.zero_grad()
+        ours.eval()
+        ours(x).logsumexp(-1).mean().backward()
+        for n, p in ours.named_parameters():
+            assert torch.allclose(fused[n], p.grad, atol=1e-6, rtol=1e-4), n
+        ours.train()
+        with pytest.raises(ValueError, match="more than the model's"):
+            ours(_tokens(1, ours.config.max_seq_len + 1))
+    finally:
+        ours.eval().requires_grad_(False).zero_grad(set_to_none=True)

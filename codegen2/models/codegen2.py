@@ -106,7 +106,7 @@ class Attention(nn.Module):
         self.scale = math.sqrt(cfg.head_dim)
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor, kv_len: int, cache: KVCache | None, layer: int) -> torch.Tensor:
+                mask: torch.Tensor | None, kv_len: int, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, E = x.shape
         H, D, R = self.n_head, self.head_dim, self.rotary_dim
         q, k, v = self.wqkv(x).view(B, T, 3, H, D).unbind(2)  # each (B, T, H, D)
@@ -114,6 +114,10 @@ class Attention(nn.Module):
         q = torch.cat([apply_rotary(q[..., :R].float(), sin, cos), q[..., R:].float()], dim=-1)
         k = torch.cat([apply_rotary(k[..., :R].float(), sin, cos), k[..., R:].float()], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if mask is None:  # training: plain causal attention over this call's tokens, fused kernel
+            out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=True,
+                                                 scale=1.0 / self.scale)
+            return self.wo(out.transpose(1, 2).reshape(B, T, E))
         if cache is not None:
             k, v = cache.update(layer, input_pos, k, v, kv_len)  # (B, H, S, D)
         scores = torch.matmul(q, k.float().transpose(-1, -2)) / self.scale  # (B, H, T, S) fp32
@@ -173,15 +177,25 @@ class CodeGen2(nn.Module):
 
         input_pos (B, T) gives each token's absolute position (-1 marks padding); default 0..T-1 per row.
         With a cache, K/V are written at those positions and attention reads positions 0..max(input_pos).
+
+        In training mode, a call without positions or cache (the training step) uses the fused causal SDPA
+        kernel instead of the reference's explicit fp32 softmax: same math, not bit-identical, much less memory.
         """
         B, T = tokens.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        if int(input_pos.max()) >= self.config.n_positions:
-            raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.n_positions}")
-        mask, kv_len = attention_mask(input_pos, cache)
-        rope_pos = input_pos.clamp(min=0)
-        sin, cos = self.rope_sin[rope_pos][:, :, None], self.rope_cos[rope_pos][:, :, None]  # (B, T, 1, R)
+        if self.training and input_pos is None and cache is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"{T} tokens are more than the model's {self.config.n_positions} positions")
+            mask, kv_len = None, T
+            sin, cos = self.rope_sin[:T, None], self.rope_cos[:T, None]  # (T, 1, R), broadcast over B
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)  # not read on this path
+        else:
+            if input_pos is None:
+                input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+            if int(input_pos.max()) >= self.config.n_positions:
+                raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.n_positions}")
+            mask, kv_len = attention_mask(input_pos, cache)
+            rope_pos = input_pos.clamp(min=0)
+            sin, cos = self.rope_sin[rope_pos][:, :, None], self.rope_cos[rope_pos][:, :, None]  # (B, T, 1, R)
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, sin, cos, input_pos, mask, kv_len, cache, i)

@@ -93,7 +93,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor, kv_len: int, cache: KVCache | None, layer: int) -> torch.Tensor:
+                mask: torch.Tensor | None, kv_len: int, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -105,7 +105,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, input_pos, k, v, kv_len)  # (B, Hkv, S, D)
         if Hkv != H:  # grouped-query attention: kv head j serves query heads j*rep .. (j+1)*rep - 1
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -158,20 +158,30 @@ class Llama(nn.Module):
         """tokens (B, T) -> fp32 logits (B, T, V), or (B, 1, V) for the last column with last_only.
 
         input_pos (B, T) gives each token's absolute position (-1 marks padding); default 0..T-1 per row.
+
+        In training mode, a call without positions or cache (the training step) uses SDPA's causal flag
+        instead of a materialised (B, 1, T, T) mask.
         """
         B, T = tokens.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        if int(input_pos.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.max_seq_len}")
         x = self.tok_embeddings(tokens)
-        allowed, kv_len = attention_mask(input_pos, cache)
-        # Additive mask with a finite minimum: fully masked padding rows stay finite instead of NaN.
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
-        rope_pos = input_pos.clamp(min=0)
-        sin = self.rope_sin[rope_pos][:, None].to(x.dtype)  # (B, 1, T, D)
-        cos = self.rope_cos[rope_pos][:, None].to(x.dtype)
+        if self.training and input_pos is None and cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"{T} tokens are more than the model's {self.config.max_seq_len} positions")
+            mask, kv_len = None, T
+            sin, cos = self.rope_sin[:T].to(x.dtype), self.rope_cos[:T].to(x.dtype)  # (T, D), broadcast
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)  # not read on this path
+        else:
+            if input_pos is None:
+                input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+            if int(input_pos.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.max_seq_len}")
+            allowed, kv_len = attention_mask(input_pos, cache)
+            # Additive mask with a finite minimum: fully masked padding rows stay finite instead of NaN.
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
+            rope_pos = input_pos.clamp(min=0)
+            sin = self.rope_sin[rope_pos][:, None].to(x.dtype)  # (B, 1, T, D)
+            cos = self.rope_cos[rope_pos][:, None].to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, sin, cos, input_pos, mask, kv_len, cache, i)
         if last_only:

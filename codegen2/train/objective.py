@@ -1,0 +1,275 @@
+"""The CodeGen2 training objective: causal LM mixed with file-level span corruption, packed into rows (spec §6).
+
+What this is:
+- ``corrupt``: one file -> pieces and middles, cut at character positions with the spec's documented defaults
+  (ratio r ~ U(0.05, 0.5) of the characters, k = min(1 + Poisson(1), 16) spans, random lengths and positions).
+- ``split_document``: a long file -> chunks cut at line boundaries (a giant line at characters), each small
+  enough that its longest training sequence fits one row; split before corruption, as the spec says.
+- ``document_sequences``: per chunk, causal (``tokens <|endoftext|>``) with probability ``causal_prob``, else
+  ``infill.training_sequence(...) <|endoftext|>``. The infill format itself lives only in ``infill.py``.
+- ``RowStream``: visits documents in a seeded per-epoch permutation and packs whole sequences into rows of
+  ``seq_len + 1`` tokens, with an exactly resumable ``state_dict``.
+
+What this is not: no file reading, filtering or deduplication (``data.py``), no loss or masking policy beyond
+the ``valid`` flags (loss on every valid token is the loop's business), no worker processes.
+Everything here is a pure function of (text, seed, epoch, document index): no global random state is used.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from codegen2.infill import training_sequence
+from codegen2.tokenizer import Tokenizer
+
+LOOKAHEAD = 32  # pending sequences the packer may choose from when filling the rest of a row
+
+
+@dataclass
+class ObjectiveConfig:
+    causal_prob: float = 0.5  # per chunk: causal LM with this probability, else span corruption
+    min_ratio: float = 0.05  # corruption ratio r ~ Uniform(min_ratio, max_ratio) of the chunk's characters
+    max_ratio: float = 0.5
+    mean_extra_spans: float = 1.0  # k = min(1 + Poisson(mean_extra_spans), max_spans)
+    max_spans: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.causal_prob <= 1.0:
+            raise ValueError(f"causal_prob must be in [0, 1], got {self.causal_prob}")
+        if not 0.0 < self.min_ratio <= self.max_ratio < 1.0:
+            raise ValueError(f"need 0 < min_ratio <= max_ratio < 1, got {self.min_ratio}, {self.max_ratio}")
+        if not 0.0 <= self.mean_extra_spans < math.inf:
+            raise ValueError(f"mean_extra_spans must be finite and >= 0, got {self.mean_extra_spans}")
+        if isinstance(self.max_spans, bool) or not isinstance(self.max_spans, int) or self.max_spans < 1:
+            raise ValueError(f"max_spans must be an integer >= 1, got {self.max_spans!r}")
+
+    def reserve(self) -> int:
+        """Tokens a chunk's own tokenization must leave free in a sequence of ``max_tokens``.
+
+        The corrupted format adds 3k + 2 control ids (k masks in the file, <|endoftext|> <sep>, then
+        <mask_i> ... <eom> per span) and the separating <|endoftext|>; the 2k cuts each tend to add about one
+        token because the pieces are tokenized apart. Rarer worse cases are caught in ``document_sequences``."""
+        return 3 * self.max_spans + 3 + 2 * self.max_spans
+
+
+def _check_tokenizer(tokenizer: Tokenizer, cfg: ObjectiveConfig) -> None:
+    try:
+        tokenizer.mask_id(cfg.max_spans)
+    except ValueError as e:
+        raise ValueError(f"max_spans={cfg.max_spans} needs more mask tokens than the tokenizer has: {e}") from None
+
+
+def _poisson(rng: random.Random, mean: float, cap: int) -> int:
+    # Knuth's method, stopped at cap: k is clipped at max_spans anyway, so a large mean cannot loop for long.
+    threshold, k, p = math.exp(-mean), 0, rng.random()
+    while p > threshold and k < cap:
+        k, p = k + 1, p * rng.random()
+    return k
+
+
+def corrupt(text: str, rng: random.Random, cfg: ObjectiveConfig) -> tuple[list[str], list[str]]:
+    """Cut ``text`` into k + 1 pieces and k middles: ``pieces[0] + middles[0] + pieces[1] + ... == text``.
+
+    round(r * len(text)) characters are masked, r ~ U(min_ratio, max_ratio). Every span has >= 1 character and
+    consecutive spans keep >= 1 character between them (else they would be one span), so k is reduced for
+    short texts. When round(r * len(text)) == 0 (only texts of at most 0.5 / min_ratio characters, 10 by
+    default) there is no span: ``([text], [])``, and ``document_sequences`` uses the causal format."""
+    n = len(text)
+    ratio = rng.uniform(cfg.min_ratio, cfg.max_ratio)
+    k = 1 + _poisson(rng, cfg.mean_extra_spans, cfg.max_spans - 1)
+    masked = round(ratio * n)
+    k = min(k, masked, n - masked + 1)
+    if k < 1:
+        return [text], []
+    # Span lengths: k - 1 distinct cut points split `masked` into k positive parts, uniformly.
+    cuts = [0, *sorted(rng.sample(range(1, masked), k - 1)), masked]
+    lengths = [b - a for a, b in itertools.pairwise(cuts)]
+    # Positions: how many kept characters precede each span; distinct values keep the spans apart, and every
+    # placement of the k spans among the n - masked kept characters is equally likely.
+    kept_before = sorted(rng.sample(range(n - masked + 1), k))
+    pieces, middles, pos, kept = [], [], 0, 0
+    for before, length in zip(kept_before, lengths):
+        start = pos + before - kept
+        pieces.append(text[pos:start])
+        middles.append(text[start:start + length])
+        pos, kept = start + length, before
+    pieces.append(text[pos:])
+    return pieces, middles
+
+
+def _fit(text: str, tokenizer: Tokenizer, budget: int, out: list[tuple[str, list[int]]]) -> None:
+    """Append (chunk, ids) pairs covering ``text``, each <= budget tokens. An oversized text is cut every
+    ~90% of a budget's worth of characters (at this text's token density), at the last line break if one lies in
+    the second half of the step; a piece that still does not fit is shrunk. One character is <= 4 <= budget
+    tokens. Only the pieces are re-encoded, so a multi-megabyte minified line costs about two encodes."""
+    ids = tokenizer.encode(text)
+    if len(ids) <= budget:
+        out.append((text, ids))
+        return
+    step = max(1, len(text) * budget * 9 // (10 * len(ids)))
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + step)
+        line_end = text.rfind("\n", start, end) + 1
+        if end < len(text) and line_end > start + step // 2:
+            end = line_end
+        piece = tokenizer.encode(text[start:end])
+        while len(piece) > budget:
+            end = start + max(1, (end - start) * budget * 9 // (10 * len(piece)))
+            piece = tokenizer.encode(text[start:end])
+        out.append((text[start:end], piece))
+        start = end
+
+
+def _budget(max_tokens: int, cfg: ObjectiveConfig) -> int:
+    budget = max_tokens - cfg.reserve()
+    if budget < 4:  # one character can take 4 byte tokens
+        raise ValueError(f"max_tokens={max_tokens} leaves {budget} tokens per chunk after the {cfg.reserve()} "
+                         f"reserved for max_spans={cfg.max_spans}; need at least 4")
+    return budget
+
+
+def _chunks(text: str, tokenizer: Tokenizer, max_tokens: int, cfg: ObjectiveConfig) -> list[tuple[str, list[int]]]:
+    budget = _budget(max_tokens, cfg)
+    lines = re.findall(r"[^\n]*\n|[^\n]+", text)  # lines keep their "\n", so they concatenate back to text
+    segments: list[tuple[str, list[int]]] = []
+    for line, ids in zip(lines, tokenizer.encode_batch(lines)):
+        if len(ids) <= budget:
+            segments.append((line, ids))
+        else:
+            _fit(line, tokenizer, budget, segments)
+    # Greedy: add whole segments while their summed counts fit; _fit then checks the chunk's real count (BPE
+    # across a line boundary can differ from the sum) and cuts the rare chunk that does not fit.
+    out: list[tuple[str, list[int]]] = []
+    group: list[str] = []
+    used = 0
+    for seg, ids in segments:
+        if group and used + len(ids) > budget:
+            _fit("".join(group), tokenizer, budget, out)
+            group, used = [], 0
+        group.append(seg)
+        used += len(ids)
+    if group:
+        _fit("".join(group), tokenizer, budget, out)
+    return out
+
+
+def split_document(text: str, tokenizer: Tokenizer, max_tokens: int,
+                   cfg: ObjectiveConfig | None = None) -> list[str]:
+    """Chunks whose concatenation is ``text`` (none for ""), cut at line boundaries where possible, each
+    tokenizing on its own to at most ``max_tokens - cfg.reserve()`` tokens, so that its causal or corrupted
+    sequence fits ``max_tokens`` (``document_sequences`` checks the corrupted length anyway)."""
+    return [chunk for chunk, _ in _chunks(text, tokenizer, max_tokens, cfg or ObjectiveConfig())]
+
+
+def document_sequences(text: str, tokenizer: Tokenizer, rng: random.Random, cfg: ObjectiveConfig,
+                       max_tokens: int) -> list[list[int]]:
+    """Training sequences of one document, each ending in <|endoftext|> and at most ``max_tokens`` long.
+
+    Per chunk: causal ``ids + [eos]`` with probability ``causal_prob``, else span corruption. A chunk too short
+    to corrupt, or whose corrupted sequence came out too long (re-tokenized pieces can add tokens), is causal."""
+    _check_tokenizer(tokenizer, cfg)
+    seqs = []
+    for chunk, ids in _chunks(text, tokenizer, max_tokens, cfg):
+        if rng.random() >= cfg.causal_prob:
+            pieces, middles = corrupt(chunk, rng, cfg)
+            if middles:
+                seq = training_sequence(tokenizer, pieces, middles) + [tokenizer.eos_id]
+                if len(seq) <= max_tokens:
+                    seqs.append(seq)
+                    continue
+        seqs.append(ids + [tokenizer.eos_id])
+    return seqs
+
+
+class Corpus(Protocol):
+    def __len__(self) -> int: ...
+    def text(self, i: int) -> str: ...
+
+
+class RowStream:
+    """Endless rows of ``seq_len + 1`` tokens (inputs ``row[:-1]``, targets ``row[1:]``) for one seed.
+
+    Packing: rows hold whole sequences only. Sequences wait in arrival order in ``pending`` (refilled to
+    LOOKAHEAD); each row takes, first-fit in that order, every pending sequence that fits the space left. The
+    oldest always fits an empty row, so nothing waits forever. The rest of the row is padding (eos, not valid).
+    Documents: epoch e visits ``default_rng([seed, e]).permutation(len(corpus))``; document i's randomness is
+    ``random.Random(f"{seed}:{e}:{i}")``, so a run is reproducible across processes and from ``state_dict``."""
+
+    def __init__(self, corpus: Corpus | list[str], tokenizer: Tokenizer, cfg: ObjectiveConfig, seq_len: int,
+                 seed: int) -> None:
+        if len(corpus) == 0:
+            raise ValueError("the corpus is empty")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        _check_tokenizer(tokenizer, cfg)
+        _budget(seq_len + 1, cfg)
+        self.corpus, self.tokenizer, self.cfg, self.seq_len, self.seed = corpus, tokenizer, cfg, seq_len, seed
+        self._text = corpus.text if hasattr(corpus, "text") else corpus.__getitem__
+        self.epoch, self.cursor = 0, 0  # the next document is permutation(epoch)[cursor]
+        self.pending: list[list[int]] = []
+        self.stats = {"rows": 0, "sequences": 0, "causal": 0, "corrupted": 0, "padding": 0, "documents": 0}
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _pull(self) -> None:
+        """Visit the next document and queue its sequences."""
+        if self._perm is None or self._perm[0] != self.epoch:
+            self._perm = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.corpus)))
+        doc = int(self._perm[1][self.cursor])
+        rng = random.Random(f"{self.seed}:{self.epoch}:{doc}")
+        self.pending += document_sequences(self._text(doc), self.tokenizer, rng, self.cfg, self.seq_len + 1)
+        self.stats["documents"] += 1
+        self.cursor += 1
+        if self.cursor == len(self.corpus):
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+    def next_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, valid), both (n, seq_len + 1): int64 ids, and False on the padding at each row's tail."""
+        width, eos, eom = self.seq_len + 1, self.tokenizer.eos_id, self.tokenizer.eom_id
+        tokens = np.full((n, width), eos, dtype=np.int64)
+        valid = np.zeros((n, width), dtype=bool)
+        for r in range(n):
+            pulled = 0
+            while len(self.pending) < LOOKAHEAD:
+                if pulled > len(self.corpus) and not self.pending:
+                    raise ValueError("no document in the corpus produced a training sequence (all empty?)")
+                self._pull()
+                pulled += 1
+            used, waiting = 0, []
+            for seq in self.pending:
+                if used + len(seq) > width:
+                    waiting.append(seq)
+                    continue
+                tokens[r, used:used + len(seq)] = seq
+                valid[r, used:used + len(seq)] = True
+                used += len(seq)
+                # Only a corrupted sequence ends "<eom> <|endoftext|>": encode never yields control ids.
+                self.stats["corrupted" if len(seq) > 1 and seq[-2] == eom else "causal"] += 1
+                self.stats["sequences"] += 1
+            self.pending = waiting
+            self.stats["rows"] += 1
+            self.stats["padding"] += width - used
+        return torch.from_numpy(tokens), torch.from_numpy(valid)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able: where the stream is (epoch, cursor), the sequences already made but not yet packed, stats."""
+        return {"seed": self.seed, "seq_len": self.seq_len, "epoch": self.epoch, "cursor": self.cursor,
+                "pending": [list(s) for s in self.pending], "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["seed"], state["seq_len"]) != (self.seed, self.seq_len):
+            raise ValueError(f"state is for seed={state['seed']}, seq_len={state['seq_len']}; this stream has "
+                             f"seed={self.seed}, seq_len={self.seq_len}")
+        if not 0 <= state["cursor"] < len(self.corpus):
+            raise ValueError(f"state cursor {state['cursor']} is outside a corpus of {len(self.corpus)} documents")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.pending = [list(s) for s in state["pending"]]
+        self.stats = dict(state["stats"])

@@ -1,0 +1,256 @@
+"""codegen2 train: config, schedule, exact resume after SIGKILL, 2 processes == 1, export, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from codegen2.train.data import build_corpus
+from codegen2.train.loop import OptimSection, load_config, lr_at
+
+MIT = "MIT License\n\nPermission is hereby granted, free of charge, to any person obtaining a copy of this software " \
+      "and associated documentation files (the \"Software\"), to deal in the Software without restriction...\n" \
+      "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND.\n"
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "LICENSE").write_text(MIT)
+    for name, text in files.items():
+        (root / name).write_text(text)
+    return root
+
+
+def small_files(n: int) -> dict[str, str]:
+    """Distinct little Python modules (distinct enough that near-dedup keeps them all)."""
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda_", "zeta"]
+    files = {}
+    for i in range(n):
+        a, b = words[i % 10], words[(i * 7 + 3) % 10]
+        files[f"mod_{i}.py"] = (f'"""Module {i}: {a} and {b} number {i * 37 % 101}."""\n\n\n'
+                                f"def {a}_{i}(x, y={i}):\n    total = x * {i % 9 + 2} + y\n"
+                                f"    for k in range({i % 5 + 1}):\n        total += k * {b!r}.count('a')\n"
+                                f"    return total - {i * 13 % 17}\n\n\nclass {b.title()}{i}:\n"
+                                f"    value = {i * 3}\n\n    def get(self):\n        return self.value + {i}\n")
+    return files
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("corpus")
+    src = write_tree(base / "src", small_files(40))
+    out = base / "tokens"
+    build_corpus([src], out, val_fraction=0.1, workers=1, progress=False)
+    return out
+
+
+TINY = {"n_layer": 2, "n_embd": 32, "n_head": 4, "rotary_dim": 4, "n_positions": 256}
+
+
+def write_config(path: Path, corpus: Path, out: Path, **sections) -> Path:
+    lines = ["[model]", 'family = "codegen2"', "shape = { " + ", ".join(f"{k} = {v}" for k, v in TINY.items()) + " }",
+             "[data]", f'corpus = "{corpus}"', "seq_len = 128",
+             "[optim]", "lr = 3e-3", "warmup_steps = 2", "max_steps = 8", "batch_size = 4", "micro_batch_size = 2",
+             "[run]", f'out_dir = "{out}"', "log_every = 1", "eval_every = 4", "eval_rows = 4", "infill_examples = 2",
+             "checkpoint_every = 1", "keep_checkpoints = 2", 'export_dtype = "fp32"']
+    for section, values in sections.items():
+        lines += [f"[{section}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_train(*args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "codegen2.train", *args], env=env, capture_output=True, text=True,
+                          check=False, timeout=600, **kw)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+# --- config ---
+
+
+def test_config_file_overrides_and_errors(tmp_path, corpus):
+    path = write_config(tmp_path / "c.toml", corpus, tmp_path / "run")
+    cfg = load_config(path, ["optim.lr=1e-2", "run.out_dir=123", "model.shape.n_layer=3", "objective.causal_prob=1"])
+    assert cfg.optim.lr == 1e-2 and cfg.run.out_dir == "123" and cfg.model.shape["n_layer"] == 3
+    assert cfg.objective.causal_prob == 1.0 and cfg.data.seq_len == 128
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("optim:\n  lr: 0.5\n  max_steps: 3\n")
+    assert load_config(yaml_path).optim.max_steps == 3
+    with pytest.raises(ValueError, match="unknown setting optim.learning_rate"):
+        load_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="optim.max_steps must be int"):
+        load_config(path, ["optim.max_steps=many"])
+    with pytest.raises(ValueError, match="not of the form"):
+        load_config(path, ["lr=1"])
+    with pytest.raises(ValueError, match="unknown config section"):
+        load_config(path, ["optimizer.lr=1"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_lr_schedule_hand_computed():
+    o = OptimSection(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
+    assert [lr_at(s, o) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, o) == 1.0
+    assert lr_at(9, o) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(14, o) == pytest.approx(0.1) and lr_at(100, o) == pytest.approx(0.1)
+
+
+def test_bad_run_settings_are_refused(tmp_path, corpus):
+    path = write_config(tmp_path / "c.toml", corpus, tmp_path / "run")
+    r = run_train("--config", str(path), "optim.batch_size=3")
+    assert r.returncode != 0 and "must be a multiple" in r.stderr
+    r = run_train("--config", str(path), "data.seq_len=4096")
+    assert r.returncode != 0 and "more than the model's 256 positions" in r.stderr
+    r = run_train("--config", str(path), "data.corpus=/nonexistent/corpus")
+    assert r.returncode != 0 and "/nonexistent/corpus" in r.stderr
+
+
+# --- exact resume, checkpoints, export ---
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
+    ref = tmp_path / "ref"
+    r = run_train("--config", str(write_config(tmp_path / "ref.toml", corpus, ref)))
+    assert r.returncode == 0, r.stderr
+    killed = tmp_path / "killed"
+    cfg = write_config(tmp_path / "killed.toml", corpus, killed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "codegen2.train", "--config", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it somewhere after step 3 was logged, mid-run
+        m = killed / "metrics.jsonl"
+        if m.is_file() and any(json.loads(x).get("step", 0) >= 3 for x in m.read_text().splitlines()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_done = max(json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines())
+    assert steps_done < 8, "the run finished before it could be killed"
+    assert not (killed / "model").exists()
+    r = run_train("--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    a, b = final_weights(ref), final_weights(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda out: [(m["step"], m["loss"]) for m in metrics(out) if "loss" in m]
+    assert losses(ref) == losses(killed) and len(losses(ref)) == 8
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_00000007.pt", "step_00000008.pt"]
+    assert (ref / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_loads_in_codegen2_and_transformers(tmp_path, corpus):
+    from transformers import CodeGenForCausalLM
+
+    from codegen2.models.checkpoint import load_model
+    from codegen2.tokenizer import load_tokenizer
+
+    out = tmp_path / "run"
+    r = run_train("--config", str(write_config(tmp_path / "c.toml", corpus, out)), "optim.max_steps=2")
+    assert r.returncode == 0, r.stderr
+    ours = load_model(out / "model", dtype="fp32")
+    hf = CodeGenForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.tensor([load_tokenizer(out / "model").encode("def hello(name):\n    return name\n")])
+    assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+    # The final checkpoint holds the same weights as the export.
+    ckpt = torch.load(out / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
+    assert torch.equal(ckpt["layers.1.feed_forward.w2.weight"], ours.layers[1].feed_forward.w2.weight)
+
+
+# --- distributed ---
+
+
+def test_two_gloo_processes_follow_one_process(tmp_path, corpus):
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["optim.max_steps=5", "run.eval_every=0", "run.checkpoint_every=100"]
+    r = run_train("--config", str(write_config(tmp_path / "one.toml", corpus, one)), *extra)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous (port 0 is not accepted by torchrun)
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        port, "-m", "codegen2.train", "--config", str(write_config(tmp_path / "two.toml", corpus, two)),
+                        *extra], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 x cpu" in r.stdout
+    a, b = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
+    assert len(a) == len(b) == 5 and a[0] > a[-1]
+    # Same global batch, loss normalised by the global token count: only summation order differs.
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    wa, wb = final_weights(one), final_weights(two)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+# --- fine-tuning ---
+
+
+@pytest.fixture(scope="module")
+def corpus25(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("corpus25")
+    out = base / "tokens"
+    build_corpus([write_tree(base / "src", small_files(40))], out, val_fraction=0.1, workers=1, progress=False,
+                 tokenizer_kind="codegen25")
+    return out
+
+
+def finetune_config(path: Path, source: Path, corpus: Path, out: Path) -> Path:
+    path.write_text(f'[model]\ninit_from = "{source}"\n[data]\ncorpus = "{corpus}"\nseq_len = 128\n'
+                    f'[optim]\nmax_steps = 2\nbatch_size = 4\nmicro_batch_size = 4\nwarmup_steps = 1\n'
+                    f'[run]\nout_dir = "{out}"\neval_every = 0\nlog_every = 1\nexport_dtype = "fp32"\n')
+    return path
+
+
+@pytest.mark.parametrize("family", ["codegen", "llama"])
+def test_finetune_starts_from_the_checkpoint(tmp_path, corpus, corpus25, family, codegen_dir, llama_dir):
+    """The first logged loss equals transformers' loss of the same checkpoint on the same first batch, and
+    the export of the fine-tuned model loads in transformers as the same architecture."""
+    from transformers import AutoModelForCausalLM
+
+    from codegen2.tokenizer import load_tokenizer
+    from codegen2.train.data import TokenCorpus
+    from codegen2.train.objective import RowStream
+
+    source, data = (codegen_dir, corpus) if family == "codegen" else (llama_dir, corpus25)
+    out = tmp_path / "ft"
+    path = finetune_config(tmp_path / "ft.toml", source, data, out)
+    r = run_train("--config", str(path))
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(path)
+    tok = load_tokenizer(source)
+    rows, valid = RowStream(TokenCorpus(data, "train"), tok, cfg.objective, 128, cfg.run.seed).next_rows(4)
+    hf = AutoModelForCausalLM.from_pretrained(source).float().eval()
+    with torch.no_grad():
+        logits = hf(rows[:, :-1]).logits
+    targets = rows[:, 1:].masked_fill(~valid[:, 1:], -100)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert metrics(out)[0]["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(tuned) is type(hf)
+    assert not torch.equal(tuned.lm_head.weight, hf.lm_head.weight)  # it trained
+
+
+def test_finetune_refuses_a_corpus_of_the_other_tokenizer(tmp_path, corpus, llama_dir):
+    r = run_train("--config", str(finetune_config(tmp_path / "ft.toml", llama_dir, corpus, tmp_path / "ft")))
+    assert r.returncode != 0 and "tokenized with the codegen2 tokenizer but this model uses codegen25" in r.stderr
