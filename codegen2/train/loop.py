@@ -262,7 +262,7 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), fused=device.type == "cuda")
+            lr=o.lr, betas=(o.beta1, o.beta2), fused=True)
         self.step = 0
         self._val_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -556,6 +556,18 @@ def train(cfg: TrainConfig) -> Path:
     peak = _peak_flops(run, t.device)
     t.log(f"training {t.n_params / 1e6:.1f}M parameters on {t.world} x {t.device.type} ({t.dtype}), "
           f"{o.batch_size} x {cfg.data.seq_len} tokens per step, steps {t.step} -> {o.max_steps}")
+    def evaluate() -> None:
+        ev = t.evaluate()
+        t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | infill exact match "
+              f"{ev['infill_exact']:.1%} of {ev['infill_n']}")
+        if t.rank == 0:
+            _append_jsonl(metrics, ev)
+            if writer:
+                writer.add_scalar("val/loss", ev["val_loss"], t.step)
+                writer.add_scalar("val/infill_exact", ev["infill_exact"], t.step)
+
+    if run.eval_every and t.step == 0:
+        evaluate()  # the baseline the run is measured against
     busy, tokens_since = 0.0, 0  # training time and tokens since the last log line (evaluation excluded)
     while t.step < o.max_steps:
         tick = time.perf_counter()
@@ -573,14 +585,7 @@ def train(cfg: TrainConfig) -> Path:
             t.log(f"step {t.step:>6}/{o.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                   f"grad norm {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s{mfu}")
         if run.eval_every and (t.step % run.eval_every == 0 or t.step == o.max_steps):
-            ev = t.evaluate()
-            t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | infill exact match "
-                  f"{ev['infill_exact']:.1%} of {ev['infill_n']}")
-            if t.rank == 0:
-                _append_jsonl(metrics, ev)
-                if writer:
-                    writer.add_scalar("val/loss", ev["val_loss"], t.step)
-                    writer.add_scalar("val/infill_exact", ev["infill_exact"], t.step)
+            evaluate()
         if t.rank == 0:
             _append_jsonl(metrics, record)
             if writer:
