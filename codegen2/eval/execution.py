@@ -181,7 +181,6 @@ def _libc_call(name: str, *args) -> None:
 
 def _zygote_main(config: dict) -> None:
     limits, slot = Limits(**config["limits"]), config["slot"]
-    signal.signal(signal.SIGCHLD, _reap)
     isolated, own_pid_ns = os.geteuid() == 0, -1
     if isolated:
         try:  # once per zygote: no network for any sample it forks, and a mount tree they may see
@@ -206,7 +205,7 @@ def _zygote_main(config: dict) -> None:
     out = sys.stdout.buffer
     out.write(json.dumps({"mode": "namespaces" if isolated else "process-group"}).encode() + b"\n")
     out.flush()
-    for line in sys.stdin.buffer:  # EOF (the harness went away) ends the zygote
+    for line in _requests():  # EOF (the harness went away) ends the zygote
         try:
             reply = _run(json.loads(line), limits, slot, own_pid_ns)
         except Exception as e:
@@ -269,9 +268,28 @@ def _expose(paths: list[str]) -> None:
 _detached: set[int] = set()  # samples that reported and were killed, but not yet reaped
 
 
-def _reap(*_) -> None:
-    # Samples that reported their result are killed without waiting (their namespaces take milliseconds to tear
-    # down); a SIGCHLD handler collects them as they go. A zombie still counts against RLIMIT_NPROC.
+def _requests():
+    """Request lines from stdin. Samples that reported are killed without waiting for them (their namespaces
+    take milliseconds to tear down), so while any is unreaped, stdin is polled with a short timeout and they are
+    collected in between. Not a SIGCHLD handler: a signal landing just before the blocking read() is lost until
+    the next request, and the zombie stays behind (it counts against RLIMIT_NPROC too)."""
+    buf = bytearray()
+    while True:
+        _reap()
+        end = buf.find(b"\n")
+        if end >= 0:
+            line = bytes(buf[:end])
+            del buf[:end + 1]
+            yield line
+            continue
+        if select.select([0], [], [], 0.02 if _detached else None)[0]:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                return
+            buf += chunk
+
+
+def _reap() -> None:
     for pid in list(_detached):
         try:
             if os.waitpid(pid, os.WNOHANG)[0]:
