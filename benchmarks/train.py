@@ -65,7 +65,7 @@ def build_stdlib_corpus(work: Path, n_files: int) -> Path:
 
 
 def train_config(args: argparse.Namespace, corpus: Path, device: str):
-    from codegen2.train.loop import load_config
+    from codegen2.train.config import load_config
 
     if args.preset:
         model = [f"model.preset={args.preset}"] + ([f"model.shape.n_layer={args.layers}"] if args.layers else [])

@@ -18,9 +18,9 @@ import pytest
 
 from codegen2.tokenizer import load_tokenizer
 from codegen2.train import data
-from codegen2.train.data import (
-    TokenCorpus,
-    build_corpus,
+from codegen2.train.data import TokenCorpus, build_corpus
+from codegen2.train.licenses import (
+    DEFAULT_LICENSES,
     classify_license_text,
     license_allowed,
     normalize_license,
@@ -116,7 +116,7 @@ def test_normalize_license(expr, spdx, expected):
     ("GPL-3.0", False), ("MIT OR", False), ("(MIT", False), ("", False), (None, False), ("unknown", False),
 ])
 def test_license_allowed(expr, ok):
-    assert license_allowed(expr, {lic.lower() for lic in data.DEFAULT_LICENSES}) is ok
+    assert license_allowed(expr, {lic.lower() for lic in DEFAULT_LICENSES}) is ok
 
 
 def dist(site: Path, name: str, metadata: str, files: dict[str, str], licenses: dict[str, str] | None = None):

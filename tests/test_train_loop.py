@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from codegen2.train.config import OptimSection, load_config
 from codegen2.train.data import build_corpus
-from codegen2.train.loop import OptimSection, load_config, lr_at
+from codegen2.train.loop import lr_at
 
 MIT = "MIT License\n\nPermission is hereby granted, free of charge, to any person obtaining a copy of this software " \
       "and associated documentation files (the \"Software\"), to deal in the Software without restriction...\n" \

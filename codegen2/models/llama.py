@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codegen2.engine.kv_cache import KVCache, attention_mask
+from codegen2.models.loss import linear_cross_entropy
 
 
 @dataclass
@@ -154,8 +155,11 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> fp32 logits (B, T, V), or (B, 1, V) for the last column with last_only.
+        With targets (B, T) (token ids, -100 where nothing is predicted): the summed cross-entropy instead, an
+        fp32 scalar, computed in chunks without materialising the logits (models/loss.py).
 
         input_pos (B, T) gives each token's absolute position (-1 marks padding); default 0..T-1 per row.
 
@@ -184,6 +188,8 @@ class Llama(nn.Module):
             cos = self.rope_cos[rope_pos][:, None].to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, sin, cos, input_pos, mask, kv_len, cache, i)
+        if targets is not None:
+            return linear_cross_entropy(self.norm(x), self.output.weight, None, targets)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
