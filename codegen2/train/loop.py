@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from codegen2.infill import infill_prompt, split_middles
+from codegen2.models.loss import IGNORE
 from codegen2.train.config import (
     ModelSection,
     OptimSection,
@@ -157,7 +158,7 @@ class Trainer:
         for i, start in enumerate(chunks):
             x = rows[start:start + mb].to(self.device)
             ok = valid[start:start + mb, 1:].to(self.device)
-            targets = x[:, 1:].masked_fill(~ok, -100)  # padding is never a target
+            targets = x[:, 1:].masked_fill(~ok, IGNORE)  # padding is never a target
             if backward_scale is not None and self.world > 1:
                 self.model.set_requires_gradient_sync(i == len(chunks) - 1)  # reduce once per step
             with self._autocast():  # summed over targets, the output layer in chunks (models/loss.py)
