@@ -106,7 +106,7 @@ def run_ours(args: argparse.Namespace, corpus: Path, device: str) -> dict:
     t = Trainer(train_config(args, corpus, device))
     cfg = t.model_config
     # The loop's count: 6 flops per non-embedding parameter and token, plus attention's scores and mixing.
-    flops = 6 * (t.n_params - t.n_embedding) + 12 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * args.seq_len
+    flops = 6 * t.n_matmul + 12 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * args.seq_len
 
     def step():
         r = t.train_step()

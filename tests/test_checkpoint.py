@@ -116,13 +116,18 @@ def test_mp_num_8_layout(tmp_path):
 
 # --- export ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["codegen", "llama", "llama-gqa"])
+@pytest.mark.parametrize("family", ["codegen", "codegen-tied", "llama", "llama-gqa", "llama-tied"])
 def test_export_loads_in_transformers_with_same_logits(tmp_path, family):
     from transformers import AutoModelForCausalLM
     hf = {"codegen": hf_codegen, "llama": hf_llama,
+          "codegen-tied": lambda: hf_codegen(tie_word_embeddings=True),
+          "llama-tied": lambda: hf_llama(tie_word_embeddings=True),
           "llama-gqa": lambda: hf_llama(num_key_value_heads=2)}[family]()
+    if family.endswith("tied"):  # the output layer really is the embedding (CodeGen's lm_head keeps its bias)
+        assert hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
     hf.save_pretrained(tmp_path / "src")
     ours = load_model(tmp_path / "src")
+    assert (ours.output.weight is ours.tok_embeddings.weight) == family.endswith("tied")
     save_model(ours, tmp_path / "out", max_shard_size="1MB")
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()

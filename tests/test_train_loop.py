@@ -179,6 +179,55 @@ def test_export_loads_in_codegen2_and_transformers(tmp_path, corpus):
     assert torch.equal(ckpt["layers.1.feed_forward.w2.weight"], ours.layers[1].feed_forward.w2.weight)
 
 
+def test_tied_model_with_row_workers_trains_and_exports(tmp_path, corpus):
+    # The codegen2-mini layout: output layer tied to the embedding. Rows made by 2 worker processes give the
+    # in-process run's losses; the export has no lm_head.weight and loads in codegen2 and transformers alike.
+    from transformers import CodeGenForCausalLM
+
+    from codegen2.models.checkpoint import load_model
+    from codegen2.train.loop import Trainer
+
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        path = write_config(tmp_path / f"w{workers}.toml", corpus, out)
+        r = run_train("--config", str(path), "optim.max_steps=4", f"data.workers={workers}",
+                      "model.shape.tie_word_embeddings=true")
+        assert r.returncode == 0, r.stderr
+        runs[workers] = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert len(runs[0]) == 4 and runs[0] == runs[2]
+    export = tmp_path / "w2" / "model"
+    stored = load_file(str(export / "model.safetensors"))
+    assert "lm_head.weight" not in stored and "lm_head.bias" in stored
+    ours = load_model(export, dtype="fp32")
+    assert ours.output.weight is ours.tok_embeddings.weight
+    hf = CodeGenForCausalLM.from_pretrained(export).eval()
+    ids = torch.tensor([[5, 77, 1000, 50256, 42]])
+    assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+    # MFU counts the tied output layer's matrix product, which is real work: 2 blocks + 32 x 51,200.
+    t = Trainer(load_config(tmp_path / "w0.toml", ["model.shape.tie_word_embeddings=true"]))
+    E, V = 32, 51200
+    block = 3 * E * E + E * E + 2 * 4 * E * E + 4 * E + E + 2 * E  # wqkv, wo, w1, w2, their biases, norm
+    assert t.n_matmul == 2 * block + 2 * E + E * V + V  # + final norm, output weight and bias
+
+
+def test_evaluation_does_not_depend_on_the_training_dtype(tmp_path, corpus, monkeypatch):
+    # Greedy infill evaluation runs in fp32 whatever the training autocast: the explicit-mask attention keeps
+    # fp32 scores by design (under CUDA bf16 autocast its masking overflowed; on CPU it silently rounded).
+    from codegen2.train import loop
+
+    path = write_config(tmp_path / "c.toml", corpus, tmp_path / "run")
+    generated = {}
+    real = loop.greedy
+    for dtype in ("fp32", "bf16"):
+        t = loop.Trainer(load_config(path, [f"run.dtype={dtype}", "run.infill_examples=4"]))
+        calls = []
+        monkeypatch.setattr(loop, "greedy", lambda *a, calls=calls, **k: calls.append(real(*a, **k)) or calls[-1])
+        t.infill_exact_match(max_new=24)
+        generated[dtype] = calls[0]
+    assert len(generated["fp32"]) == 4 and generated["fp32"] == generated["bf16"]
+
+
 # --- distributed ---
 
 

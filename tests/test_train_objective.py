@@ -17,6 +17,7 @@ import sysconfig
 
 import numpy as np
 import pytest
+import torch
 
 from codegen2.tokenizer import load_tokenizer
 from codegen2.train.objective import (
@@ -328,6 +329,39 @@ def test_resume_reproduces_the_following_rows_across_epochs(tok):
         assert (valid == np.concatenate([r[1] for r in rows[n:]])).all()
         assert resumed.stats == reference.stats
     assert len(epochs_seen) >= 3  # states were taken in several epochs
+
+
+def test_worker_processes_give_the_in_process_rows_and_resume_mid_prefetch(tok, tmp_path):
+    # A corpus on disk (TokenCorpus travels to the workers as its path) small enough for several epochs.
+    from codegen2.train.data import TokenCorpus, build_corpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge, to any person "
+                                 "obtaining a copy of this software")
+    for i, text in enumerate(snippets(12, seed=8)):
+        (src / f"f{i}.py").write_text(text)
+    build_corpus([src], tmp_path / "corpus", workers=1, progress=False, val_fraction=0.0)
+    corpus, cfg = TokenCorpus(tmp_path / "corpus", "train"), ObjectiveConfig()
+    assert len(corpus) >= 10
+    reference = RowStream(corpus, tok, cfg, 127, seed=5)
+    expected = reference.next_rows(60)
+    assert reference.epoch >= 2
+    with RowStream(corpus, tok, cfg, 127, seed=5, workers=2) as stream:
+        first = stream.next_rows(25)
+        state = json.loads(json.dumps(stream.state_dict()))
+        assert len(stream._ahead) > 0  # documents were made ahead of the packer when the state was taken
+        rest = stream.next_rows(35)
+        assert stream.stats == reference.stats
+    assert (torch.cat([first[0], rest[0]]) == expected[0]).all()
+    assert (torch.cat([first[1], rest[1]]) == expected[1]).all()
+    # Resuming discards what was made ahead for the old position.
+    with RowStream(corpus, tok, cfg, 127, seed=5, workers=2) as resumed:
+        resumed.next_rows(40)
+        resumed.load_state_dict(state)
+        assert (resumed.next_rows(35)[0] == expected[0][25:]).all()
+    with pytest.raises(ValueError, match="workers"):
+        RowStream(corpus, tok, cfg, 127, seed=5, workers=-1)
 
 
 def test_same_seed_same_rows_different_seed_different_rows(tok):

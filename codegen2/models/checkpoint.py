@@ -178,8 +178,10 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
         if ours.endswith("attention.wqkv.weight"):
             t = convert.qkv_from_hf(t, layout)
         state[ours] = t.to(target)  # no copy when the stored dtype is already the target
+    if cfg.tie_word_embeddings:  # the file has no lm_head.weight; the module still lists output.weight
+        state["output.weight"] = state["tok_embeddings.weight"]
     model_.load_state_dict(state, strict=True, assign=True)
-    if isinstance(model_, Llama) and cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:
         model_.output.weight = model_.tok_embeddings.weight
     model_.reset_rotary()
     return model_.to(device).eval().requires_grad_(False)

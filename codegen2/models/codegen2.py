@@ -1,8 +1,8 @@
 """CodeGen2 (1B, 3.7B, 7B, 16B) in plain PyTorch.
 
 The architecture is GPT-J's: one LayerNorm per block feeding attention and MLP in parallel, interleaved (GPT-J)
-rotary embeddings on the first ``rotary_dim`` dims of each head, ``gelu_new``, and an untied ``lm_head`` with a
-bias. Attention scores and softmax run in fp32 as in the reference code (spec §2.3).
+rotary embeddings on the first ``rotary_dim`` dims of each head, ``gelu_new``, and an ``lm_head`` with a bias
+(untied in the official checkpoints; small models of our own tie its weight to the embedding). Attention scores and softmax run in fp32 as in the reference code (spec §2.3).
 
 This file is pure math: token ids, explicit positions and an optional KV cache in, fp32 logits out. It knows
 nothing of checkpoints: the fused, mp_num-interleaved ``qkv_proj`` of the official weights is turned into the
@@ -32,6 +32,7 @@ class CodeGen2Config:
     vocab_size: int = 51200
     n_positions: int = 2048
     layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False  # the output layer's weight is the embedding (its bias stays its own)
 
     family = "codegen2"
 
@@ -162,6 +163,8 @@ class CodeGen2(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         self.reset_rotary()
 
     def reset_rotary(self) -> None:

@@ -46,7 +46,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             n_layer=_need(hf, "n_layer", source), n_embd=_need(hf, "n_embd", source),
             n_head=_need(hf, "n_head", source), rotary_dim=_need(hf, "rotary_dim", source),
             n_inner=hf.get("n_inner"), vocab_size=_need(hf, "vocab_size", source),
-            n_positions=_need(hf, "n_positions", source), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+            n_positions=_need(hf, "n_positions", source), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
     if model_type == "llama":
         if hf.get("rope_scaling"):
             raise ConfigError(f"{source}: rope_scaling {hf['rope_scaling']} is not supported")
@@ -82,7 +83,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "rotary_dim": cfg.rotary_dim,
             "n_inner": cfg.n_inner, "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions,
             "n_ctx": cfg.n_positions, "layer_norm_epsilon": cfg.layer_norm_eps, "activation_function": "gelu_new",
-            "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "tie_word_embeddings": False,
+            "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
             # The configs' eos id 2 is '#'; generation must stop at <|endoftext|>.
             "bos_token_id": 50256, "eos_token_id": 50256,
             # We always export the mp_num 4 layout that transformers' built-in class reads; this key says so.
@@ -141,8 +143,8 @@ def name_map(cfg: ModelConfig) -> dict[str, str]:
             out.update({hf.format(i): ours.format(i) for i in range(cfg.n_layers)})
         else:
             out[hf] = ours
-    if isinstance(cfg, LlamaConfig) and cfg.tie_word_embeddings:
-        del out["lm_head.weight"]  # tied: the output shares the embedding
+    if cfg.tie_word_embeddings:
+        del out["lm_head.weight"]  # tied: the output shares the embedding (CodeGen2 keeps lm_head.bias)
     return out
 
 

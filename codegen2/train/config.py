@@ -27,6 +27,7 @@ class ModelSection:
 class DataSection:
     corpus: str = ""  # a directory written by `codegen2 data build`
     seq_len: int = 1024  # tokens per training row
+    workers: int = 0  # processes making rows ahead of the step (0: in the training process); same rows for any N
 
 
 @dataclass

@@ -355,6 +355,9 @@ class TokenCorpus:
     def __len__(self) -> int:
         return len(self._docs)
 
+    def __reduce__(self):  # pickled (for RowStream's worker processes) as its path: the shards are re-mapped
+        return (TokenCorpus, (str(self.root), self.split))
+
     @property
     def n_tokens(self) -> int:
         return self.manifest["totals"][self.split]["tokens"]

@@ -15,6 +15,7 @@ loss is normalised by the global count of target tokens, so N processes follow t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -114,9 +115,12 @@ class Trainer:
         if cfg.data.seq_len > model.config.max_seq_len:
             raise ValueError(f"data.seq_len {cfg.data.seq_len} is more than the model's "
                              f"{model.config.max_seq_len} positions")
-        self.stream = RowStream(train_corpus, self.tokenizer, cfg.objective, cfg.data.seq_len, run.seed)
-        self.n_params = sum(p.numel() for p in model.parameters())
-        self.n_embedding = model.tok_embeddings.weight.numel()
+        self.stream = RowStream(train_corpus, self.tokenizer, cfg.objective, cfg.data.seq_len, run.seed,
+                                workers=cfg.data.workers)
+        self.n_params = sum(p.numel() for p in model.parameters())  # a tied output weight counted once
+        # Parameters of matrix products (for MFU): all but the embedding lookup; a tied output layer counts.
+        self.n_matmul = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
+                            if not n.startswith("tok_embeddings"))
         self.model = parallelize(model.to(device), world_size=self.world,
                                  activation_checkpointing=run.activation_checkpointing, compile=run.compile)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "tok_embeddings" not in n]
@@ -199,6 +203,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        # Eager, even when the blocks are compiled for training: evaluation is a small share of the time, and
+        # greedy decoding's growing shapes and explicit masks would mean recompiles (and, under bf16 autocast,
+        # an inductor constant-folding failure seen on an H100 with torch 2.11).
+        eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6 (older: evaluated compiled)
+        with eager("force_eager") if eager and self.cfg.run.compile else contextlib.nullcontext():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         if self._val_rows is None:  # the first eval_rows rows of the validation stream, fixed for the run
             stream = RowStream(self.val_corpus, self.tokenizer, self.cfg.objective, self.cfg.data.seq_len,
                                self.cfg.run.seed)
@@ -236,8 +248,10 @@ class Trainer:
         if not examples:
             return 0.0, 0
         prompts = [infill_prompt(self.tokenizer, p, s) for p, _, s in examples]
+        # fp32, not autocast: the explicit-mask attention path keeps its scores in fp32 by design (autocast would
+        # make them bf16, and the fp32 minimum used for masked scores overflows bf16 on CUDA).
         generated = greedy(self.model, prompts, max_new, {self.tokenizer.eom_id, self.tokenizer.eos_id},
-                           self.device, self._autocast)
+                           self.device)
         hits = 0
         for (_, line, _), ids in zip(examples, generated):
             middles, closed = split_middles(self.tokenizer, ids)
@@ -282,6 +296,7 @@ class Trainer:
             return False
         state = torch.load(found[-1], map_location="cpu", weights_only=True)
         mine, theirs = self.cfg.to_dict(), state["config"]
+        mine["data"].pop("workers"), theirs["data"].pop("workers", None)  # rows do not depend on it
         for section in ("model", "data", "objective"):
             if mine[section] != theirs[section]:
                 raise ValueError(f"{found[-1]} was written with a different [{section}] config "
@@ -412,7 +427,7 @@ def train(cfg: TrainConfig) -> Path:
         except ImportError:
             pass
     # PaLM's count: 6 flops per non-embedding parameter and token, plus attention's scores and mixing.
-    flops_per_token = 6 * (t.n_params - t.n_embedding) \
+    flops_per_token = 6 * t.n_matmul \
         + 12 * t.model_config.n_layers * t.model_config.n_kv_heads * t.model_config.head_dim * cfg.data.seq_len
     peak = _peak_flops(run, t.device)
     t.log(f"training {t.n_params / 1e6:.1f}M parameters on {t.world} x {t.device.type} ({t.dtype}), "
@@ -454,6 +469,7 @@ def train(cfg: TrainConfig) -> Path:
                     writer.add_scalar(f"train/{key}", record[key], t.step)
         if t.step % run.checkpoint_every == 0 or t.step == o.max_steps:
             t.save_checkpoint()
+    t.stream.close()
     target = t.export()
     if t.rank == 0 and metrics.is_file():
         if plot_losses(metrics, t.out / "loss.png"):
