@@ -308,39 +308,59 @@ def test_finetune_refuses_a_corpus_of_the_other_tokenizer(tmp_path, corpus, llam
 
 # --- a real learning check ---
 
-BODIES = {"square": "    return x * x\n", "double": "    return x + x\n", "negate": "    return -x\n"}
-NAMES = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "ember", "frost", "cedar", "lotus", "amber",
-         "raven", "delta", "orbit", "pixel", "quartz", "sage", "tulip", "vapor"]
+BODIES = {"square": "    return x * x", "double": "    return x + x", "negate": "    return -x"}
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "ember", "frost", "cedar", "lotus", "amber"]
 
 
-def pattern_files(n: int, seed: int = 0) -> dict[str, str]:
-    """Tiny modules with one function whose body is set by the kind in its name: square / double / negate."""
+def pattern_names() -> tuple[list[str], list[str]]:
+    """(training names, held-out names): ordered word pairs, 6 of the 132 never appear in the corpus."""
+    import itertools
     import random
 
-    rng, files = random.Random(seed), {}
-    for i in range(n):
-        kind, name = rng.choice(list(BODIES)), "_".join(rng.sample(NAMES, 2))
-        files[f"f{i}.py"] = f"def {kind}_{name}(x):\n{BODIES[kind]}\n\nprint({kind}_{name}(3))\n"
-    return files
+    names = [f"{a}_{b}" for a, b in itertools.permutations(WORDS, 2)]
+    random.Random(0).shuffle(names)
+    return names[6:], names[:6]
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_a_generated_corpus(tmp_path):
-    """Two minutes of CPU training on a generated corpus: the validation loss (span corruption + causal, on
-    held-out files) falls from the uniform ~ln(51200) = 10.8 to a small fraction of it."""
-    src = write_tree(tmp_path / "src", pattern_files(600))
-    build_corpus([src], tmp_path / "tokens", val_fraction=0.05, workers=1, progress=False)
+def test_tiny_model_learns_a_pattern_and_infills_held_out_instances(tmp_path):
+    """About three minutes of CPU training from scratch on 378 one-function files, ``def {kind}_{name}(x):`` +
+    the body its kind calls for (square, double, negate): the validation loss falls from the uniform
+    ln(51200) = 10.8 to a small fraction of it, and then the model infills the body of functions whose names it
+    has never seen, through the engine, in the infill format. Measured with this seed: validation loss 10.81 ->
+    0.72 -> 0.65, and 12 of the 18 held-out bodies exactly right (6 of 18 with run.seed = 1); the misses put
+    the body's line break on the wrong side of the hole or write another kind's body."""
+    from codegen2.engine.engine import Engine
+    from codegen2.engine.sampling import SamplingParams
+    from codegen2.infill import Infill
+    from codegen2.models.checkpoint import load_model
+    from codegen2.tokenizer import load_tokenizer
+
+    train_names, held_out = pattern_names()
+    files = {f"{k}_{n}.py": f"def {k}_{n}(x):\n{body}\n" for k, body in BODIES.items() for n in train_names}
+    src = write_tree(tmp_path / "src", files)
+    # The files differ only in their names, so near-duplicate removal must not merge them.
+    build_corpus([src], tmp_path / "tokens", val_fraction=0.05, workers=1, progress=False, near_dup_threshold=0.99)
     out = tmp_path / "run"
     path = tmp_path / "c.toml"
-    path.write_text(f'[model]\nshape = {{ n_layer = 2, n_embd = 64, n_head = 4, rotary_dim = 8, n_positions = 128 }}\n'
+    path.write_text(f'[model]\nshape = {{ n_layer = 2, n_embd = 64, n_head = 2, rotary_dim = 32, n_positions = 128 }}\n'
                     f'[data]\ncorpus = "{tmp_path / "tokens"}"\nseq_len = 64\n'
-                    f'[objective]\ncausal_prob = 0.3\nmax_spans = 1\n'
-                    f'[optim]\nlr = 5e-3\nmin_lr = 1e-3\nwarmup_steps = 20\nmax_steps = 160\nbatch_size = 8\n'
-                    f'micro_batch_size = 8\nweight_decay = 0.0\n'
-                    f'[run]\nout_dir = "{out}"\nlog_every = 20\neval_every = 80\neval_rows = 16\ninfill_examples = 4\n'
+                    f'[objective]\ncausal_prob = 0.2\nmax_spans = 1\n'
+                    f'[optim]\nlr = 1e-2\nmin_lr = 1e-3\nwarmup_steps = 20\nmax_steps = 400\nbatch_size = 16\n'
+                    f'micro_batch_size = 16\nweight_decay = 0.0\n'
+                    f'[run]\nout_dir = "{out}"\nlog_every = 50\neval_every = 200\neval_rows = 16\ninfill_examples = 8\n'
                     f'checkpoint_every = 1000\nexport_dtype = "fp32"\n')
     r = run_train("--config", str(path), env_extra={"OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr
     val = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
     assert len(val) == 3 and val[0] > 10.0
-    assert val[2] < val[1] < val[0] and val[2] < 0.12 * val[0], val
+    assert val[2] < val[1] < val[0] and val[2] < 0.1 * val[0], val
+
+    tokenizer = load_tokenizer(out / "model")
+    corpus_text = "".join(files.values())
+    assert not any(n in corpus_text for n in held_out)  # truly unseen
+    engine = Engine(load_model(out / "model", dtype="fp32"), tokenizer, max_batch=8, linear="torch")
+    cases = [(Infill(f"def {k}_{n}(x):\n", "\n"), body) for n in held_out for k, body in BODIES.items()]
+    results = engine.generate([c for c, _ in cases], SamplingParams(max_tokens=16))
+    exact = [o.outputs[0].text == want for (_, want), o in zip(cases, results)]
+    assert sum(exact) >= 4, [(c.prefix, o.outputs[0].text) for (c, _), o in zip(cases, results)]
