@@ -191,7 +191,7 @@ def test_tied_model_with_row_workers_trains_and_exports(tmp_path, corpus):
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
         path = write_config(tmp_path / f"w{workers}.toml", corpus, out)
-        r = run_train("--config", str(path), "optim.max_steps=4", f"data.workers={workers}",
+        r = run_train("--config", str(path), "optim.max_steps=4", f"run.data_workers={workers}",
                       "model.shape.tie_word_embeddings=true")
         assert r.returncode == 0, r.stderr
         runs[workers] = [m["loss"] for m in metrics(out) if "loss" in m]

@@ -27,7 +27,6 @@ class ModelSection:
 class DataSection:
     corpus: str = ""  # a directory written by `codegen2 data build`
     seq_len: int = 1024  # tokens per training row
-    workers: int = 0  # processes making rows ahead of the step (0: in the training process); same rows for any N
 
 
 @dataclass
@@ -52,6 +51,7 @@ class RunSection:
     dtype: str = "auto"  # bf16 autocast or fp32; auto = bf16 on GPU, fp32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
+    data_workers: int = 0  # processes making rows ahead of the step (0: in the training process); same rows for any N
     log_every: int = 10
     eval_every: int = 200
     eval_rows: int = 32  # validation rows for the loss

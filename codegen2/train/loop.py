@@ -29,12 +29,12 @@ from torch import nn
 
 from codegen2.infill import infill_prompt, split_middles
 from codegen2.models.loss import IGNORE
-from codegen2.train.config import (
-    ModelSection,
-    OptimSection,
-    RunSection,
-    TrainConfig,
-    load_config,
+from codegen2.train.config import ModelSection, OptimSection, TrainConfig, load_config
+from codegen2.train.metrics import (
+    append_jsonl,
+    peak_flops,
+    plot_losses,
+    truncate_metrics,
 )
 from codegen2.train.objective import RowStream
 from codegen2.train.parallelize import init_distributed, parallelize
@@ -116,7 +116,7 @@ class Trainer:
             raise ValueError(f"data.seq_len {cfg.data.seq_len} is more than the model's "
                              f"{model.config.max_seq_len} positions")
         self.stream = RowStream(train_corpus, self.tokenizer, cfg.objective, cfg.data.seq_len, run.seed,
-                                workers=cfg.data.workers)
+                                workers=run.data_workers)
         self.n_params = sum(p.numel() for p in model.parameters())  # a tied output weight counted once
         # Parameters of matrix products (for MFU): all but the embedding lookup; a tied output layer counts.
         self.n_matmul = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
@@ -248,8 +248,6 @@ class Trainer:
         if not examples:
             return 0.0, 0
         prompts = [infill_prompt(self.tokenizer, p, s) for p, _, s in examples]
-        # fp32, not autocast: the explicit-mask attention path keeps its scores in fp32 by design (autocast would
-        # make them bf16, and the fp32 minimum used for masked scores overflows bf16 on CUDA).
         generated = greedy(self.model, prompts, max_new, {self.tokenizer.eom_id, self.tokenizer.eos_id},
                            self.device)
         hits = 0
@@ -296,7 +294,6 @@ class Trainer:
             return False
         state = torch.load(found[-1], map_location="cpu", weights_only=True)
         mine, theirs = self.cfg.to_dict(), state["config"]
-        mine["data"].pop("workers"), theirs["data"].pop("workers", None)  # rows do not depend on it
         for section in ("model", "data", "objective"):
             if mine[section] != theirs[section]:
                 raise ValueError(f"{found[-1]} was written with a different [{section}] config "
@@ -334,10 +331,13 @@ class Trainer:
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, prompts: list[list[int]], max_new: int, stop: set[int], device: torch.device,
-           autocast=None) -> list[list[int]]:
+def greedy(model: nn.Module, prompts: list[list[int]], max_new: int, stop: set[int],
+           device: torch.device) -> list[list[int]]:
     """Greedy continuations of left-padded prompts, recomputing the whole sequence each step (no cache: it
-    works unchanged on a sharded model; evaluation prompts are short). Every process runs the same steps."""
+    works unchanged on a sharded model; evaluation prompts are short). Every process runs the same steps.
+
+    In fp32 whatever the training autocast: the explicit-mask attention path keeps its scores in fp32 by design
+    (under bf16 autocast they became bf16, and masking with the fp32 minimum overflowed on CUDA)."""
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new):
@@ -345,7 +345,7 @@ def greedy(model: nn.Module, prompts: list[list[int]], max_new: int, stop: set[i
         T = max(map(len, seqs))
         tokens = torch.tensor([[0] * (T - len(s)) + s for s in seqs], device=device)  # (B, T), left-padded
         pos = torch.tensor([[-1] * (T - len(s)) + list(range(len(s))) for s in seqs], device=device)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
             logits = model(tokens, input_pos=pos, last_only=True)  # (B, 1, V)
         for b, t in enumerate(logits[:, -1].argmax(-1).tolist()):
             if not done[b]:
@@ -358,55 +358,6 @@ def greedy(model: nn.Module, prompts: list[list[int]], max_new: int, stop: set[i
 
 # --- the run ---------------------------------------------------------------------------------------------------------
 
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
-
-
-def _peak_flops(run: RunSection, device: torch.device) -> float | None:
-    if run.peak_tflops > 0:
-        return run.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v * 1e12 for k, v in _PEAK_TFLOPS.items() if k in name), None)
-    return None
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, forget what was logged past the checkpoint so the file is one clean trajectory."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def plot_losses(metrics: Path, png: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return True
-
-
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training to ``optim.max_steps``; returns the exported model directory."""
     t = Trainer(cfg)
@@ -417,7 +368,7 @@ def train(cfg: TrainConfig) -> Path:
         (t.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     resumed = t.resume()
     if t.rank == 0:
-        _truncate_metrics(metrics, t.step) if resumed else metrics.unlink(missing_ok=True)
+        truncate_metrics(metrics, t.step) if resumed else metrics.unlink(missing_ok=True)
     writer = None
     if t.rank == 0:
         try:
@@ -429,7 +380,7 @@ def train(cfg: TrainConfig) -> Path:
     # PaLM's count: 6 flops per non-embedding parameter and token, plus attention's scores and mixing.
     flops_per_token = 6 * t.n_matmul \
         + 12 * t.model_config.n_layers * t.model_config.n_kv_heads * t.model_config.head_dim * cfg.data.seq_len
-    peak = _peak_flops(run, t.device)
+    peak = peak_flops(run, t.device)
     t.log(f"training {t.n_params / 1e6:.1f}M parameters on {t.world} x {t.device.type} ({t.dtype}), "
           f"{o.batch_size} x {cfg.data.seq_len} tokens per step, steps {t.step} -> {o.max_steps}")
     def evaluate() -> None:
@@ -437,7 +388,7 @@ def train(cfg: TrainConfig) -> Path:
         t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | infill exact match "
               f"{ev['infill_exact']:.1%} of {ev['infill_n']}")
         if t.rank == 0:
-            _append_jsonl(metrics, ev)
+            append_jsonl(metrics, ev)
             if writer:
                 writer.add_scalar("val/loss", ev["val_loss"], t.step)
                 writer.add_scalar("val/infill_exact", ev["infill_exact"], t.step)
@@ -463,7 +414,7 @@ def train(cfg: TrainConfig) -> Path:
         if run.eval_every and (t.step % run.eval_every == 0 or t.step == o.max_steps):
             evaluate()
         if t.rank == 0:
-            _append_jsonl(metrics, record)
+            append_jsonl(metrics, record)
             if writer:
                 for key in ("loss", "lr", "grad_norm"):
                     writer.add_scalar(f"train/{key}", record[key], t.step)
