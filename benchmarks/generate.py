@@ -53,7 +53,8 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 def make_checkpoint(preset: str, directory: Path) -> None:
     from codegen2.models import preset_config
-    from codegen2.models.checkpoint import build, save_model
+    from codegen2.models import build
+    from codegen2.models.checkpoint import save_model
 
     torch.manual_seed(0)
     model = build(preset_config(preset)).to(torch.bfloat16)
@@ -64,17 +65,15 @@ def make_checkpoint(preset: str, directory: Path) -> None:
 
 
 def run_ours(directory: str, mode: str, decode_tokens: int) -> dict:
+    import os
+
+    if mode == "bf16-torch":
+        os.environ["CODEGEN2_KERNELS"] = "torch"  # the plain torch path for every layer
     from codegen2.engine.engine import Engine
     from codegen2.engine.sampling import SamplingParams
-    from codegen2.models.checkpoint import load_model
-    from codegen2.tokenizer import load_tokenizer
 
-    model = load_model(directory, dtype="bf16")
-    if mode != "bf16-torch":
-        from codegen2.engine.kernels import prepare_for_decode
-        prepare_for_decode(model, mode)
-    tok = load_tokenizer(directory)
-    engine = Engine(model, tok, max_batch=CONCURRENT, max_seq_len=PROMPT_LEN + NEW_TOKENS + 64)
+    engine = Engine.from_pretrained(directory, dtype="bf16", quant="int8" if mode == "int8" else None,
+                                    max_batch=CONCURRENT, max_seq_len=PROMPT_LEN + NEW_TOKENS + 64)
     greedy = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
 
     def first_token_and_rest(prompt, params):
@@ -82,7 +81,7 @@ def run_ours(directory: str, mode: str, decode_tokens: int) -> dict:
         t0, first, n = time.perf_counter(), None, 0
         while engine.has_unfinished():
             for out in engine.step():
-                n = len(out.outputs[0].token_ids)
+                n += len(out.outputs[0].token_ids)  # deltas: the tokens new in this step
                 if first is None and n:
                     first = time.perf_counter()
         return first - t0, time.perf_counter() - first, n
@@ -155,8 +154,7 @@ def main() -> None:
             print(json.dumps(run_reference(directory, args.decode_tokens, int(args._child[2]))))
         return
 
-    from codegen2.models import preset_config
-    from codegen2.models.checkpoint import build
+    from codegen2.models import build, preset_config
 
     torch.set_num_threads(torch.get_num_threads())
     directory = args.dir or Path(tempfile.mkdtemp(prefix="cg2bench-"))

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from codegen2.engine.kernels import DecodeLinear, kernels_available, quantize_int8
+from codegen2.kernels import DecodeLinear, kernels_available, quantize_int8
 
 SHAPES = {  # name: (N, K) of CodeGen2-1B's linears
     "qkv": (6144, 2048),

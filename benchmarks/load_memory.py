@@ -12,7 +12,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,8 +21,7 @@ def write_random_checkpoint(preset: str, directory: Path, shard_bytes: int = 2 <
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from codegen2.models import preset_config
-    from codegen2.models.checkpoint import build
+    from codegen2.models import build, preset_config
     from codegen2.models.convert import config_to_hf, name_map
 
     cfg = preset_config(preset)

@@ -68,9 +68,9 @@ def train_config(args: argparse.Namespace, corpus: Path, device: str):
     from codegen2.train.config import load_config
 
     if args.preset:
-        model = [f"model.preset={args.preset}"] + ([f"model.shape.n_layer={args.layers}"] if args.layers else [])
+        model = [f"model.preset={args.preset}"] + ([f"model.shape.n_layers={args.layers}"] if args.layers else [])
     else:
-        shape = {"n_layer": args.layers or 4, "n_embd": 512, "n_head": 8, "rotary_dim": 32}
+        shape = {"n_layers": args.layers or 4, "dim": 512, "n_heads": 8, "rotary_dim": 32}
         model = [f"model.shape.{k}={v}" for k, v in shape.items()]
     return load_config(None, model + [
         f"data.corpus={corpus}", f"data.seq_len={args.seq_len}",
@@ -113,7 +113,7 @@ def run_ours(args: argparse.Namespace, corpus: Path, device: str) -> dict:
         return r["loss"], r["tokens"]
 
     return {**timed(step, t.device, args.warmup, args.steps), "flops_per_token": flops, "n_params": t.n_params,
-            "shape": f"{cfg.n_layer} x {cfg.n_embd}, {cfg.n_head} heads", "dtype": t.dtype,
+            "shape": f"{cfg.n_layers} x {cfg.dim}, {cfg.n_heads} heads", "dtype": t.dtype,
             "device": torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else "cpu"}
 
 
@@ -122,7 +122,7 @@ def run_reference(args: argparse.Namespace, corpus: Path, device: str) -> dict:
 
     from codegen2.models.convert import IGNORED, config_to_hf, to_hf_state_dict
     from codegen2.tokenizer import load_tokenizer
-    from codegen2.train.data import TokenCorpus
+    from codegen2.train.corpus import TokenCorpus
     from codegen2.train.loop import build_model, lr_at
     from codegen2.train.objective import RowStream
 

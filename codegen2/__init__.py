@@ -10,8 +10,11 @@ import importlib
 _PUBLIC = {
     "SamplingParams": "codegen2.engine.sampling",
     "Engine": "codegen2.engine.engine",
-    "AsyncEngine": "codegen2.engine.engine",
+    "AsyncEngine": "codegen2.engine.async_engine",
     "RequestOutput": "codegen2.engine.engine",
+    "CompletionOutput": "codegen2.engine.engine",
+    "InvalidRequest": "codegen2.engine.errors",
+    "prepare_for_inference": "codegen2.kernels",
     "Infill": "codegen2.infill",
     "infill_prompt": "codegen2.infill",
     "extract_middles": "codegen2.infill",

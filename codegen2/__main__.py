@@ -5,7 +5,7 @@
     codegen2 infill --model M --file x.py --line 12        # the hole is at the start of line 12
     codegen2 convert SRC DST --dtype bf16
     codegen2 data build --source DIR --out corpus/    # license-filtered, deduplicated token shards
-    codegen2 train --config run.toml optim.lr=1e-3    # see codegen2/train/loop.py
+    codegen2 train --config run.toml optim.lr=1e-3    # see codegen2/train/cli.py
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype (default bf16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--mp-num", type=int, choices=[4, 8], help="override CodeGen2's detected qkv layout")
-    p.add_argument("--quant", default="auto", choices=["auto", "bf16", "int8", "torch"],
-                   help="matrix kernels: int8 = weight-only int8 (about 2x faster decode on CPU); "
-                        "auto = native bf16 kernels for a bf16 model on CPU")
+    p.add_argument("--quant", default="none", choices=["none", "int8"],
+                   help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (about 2x faster "
+                        "decode on CPU)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -61,8 +61,6 @@ def _run(args: argparse.Namespace, prompt_kind: str) -> None:
     from codegen2.engine.engine import Engine
     from codegen2.engine.sampling import SamplingParams
     from codegen2.infill import Infill
-    from codegen2.models.checkpoint import load_model, resolve
-    from codegen2.tokenizer import load_tokenizer
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -80,18 +78,18 @@ def _run(args: argparse.Namespace, prompt_kind: str) -> None:
     else:
         prompt = Infill(_read(args.prefix_file) if args.prefix_file else (args.prefix or ""),
                         _read(args.suffix_file) if args.suffix_file else (args.suffix or ""))
-    directory = resolve(args.model)
-    model = load_model(directory, dtype=args.dtype, device=args.device, mp_num=args.mp_num)
-    engine = Engine(model, load_tokenizer(directory), max_batch=1, linear=args.quant)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
+                                    mp_num=args.mp_num, max_batch=1)
     engine.add_request(prompt, params)
-    final = None
+    n_tokens, reason = 0, None
     while engine.has_unfinished():
         for out in engine.step():
-            sys.stdout.write(out.outputs[0].delta)
-            sys.stdout.flush()
-            final = out.outputs[0]
+            for delta in out.outputs:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                n_tokens, reason = n_tokens + len(delta.token_ids), delta.finish_reason
     sys.stdout.write("\n")
-    print(f"[{len(final.token_ids)} tokens, finish_reason={final.finish_reason}]", file=sys.stderr)
+    print(f"[{n_tokens} tokens, finish_reason={reason}]", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,13 +119,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from codegen2.eval import cli as eval_cli
     from codegen2.server import cli as serve_cli
+    from codegen2.train import cli as train_cli
 
     serve_cli.add_parser(sub)
     eval_cli.add_parser(sub)
-    from codegen2.train import data, loop
-
-    loop.add_parser(sub)
-    data.add_parser(sub)
+    train_cli.add_parsers(sub)
 
     args = parser.parse_args(argv)
     from codegen2.models.checkpoint import CheckpointError
@@ -137,10 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             serve_cli.run(args)
         elif args.command == "eval":
             eval_cli.run(args)
-        elif args.command == "train":
-            loop.run(args)
-        elif args.command == "data":
-            data.run(args)
+        elif args.command in ("train", "data"):
+            train_cli.run(args)
         elif args.command == "convert":
             from codegen2.models.checkpoint import load_model, resolve, save_model
 

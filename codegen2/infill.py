@@ -1,12 +1,13 @@
 """The infill format, in one place: building prompts and extracting the generated middles.
 
-CodeGen2 and CodeGen2.5 share one format (model cards, spec §3 and §6), only the ids differ per tokenizer:
+CodeGen2 and CodeGen2.5 share one format (their model cards), only the ids differ per tokenizer:
 
     prompt:   piece_0 <mask_1> piece_1 <mask_2> ... <mask_N> piece_N <|endoftext|> <sep> <mask_1>
     model:    middle_1 <eom> <mask_2> middle_2 <eom> ... <mask_N> middle_N <eom>
 
 With one hole that is ``prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>`` and the middle ends at ``<eom>``.
-Generation must also end at ``<|endoftext|>`` and never at the configs' eos id 2 (which is ``#``).
+Generation must also end at ``<|endoftext|>`` and never at the configs' eos id 2 (which is ``#``, and follows
+every indentation token in CodeGen2's tokenizer: stopping there ends at the first indented comment).
 
 User text (prefix, suffix) is encoded with ``Tokenizer.encode``, which treats control-token strings as plain text,
 so a file containing ``<eom>`` cannot end or restructure the prompt; the control ids are added here and only here.
@@ -34,6 +35,27 @@ class Infill:
 def infill_prompt(tokenizer: Tokenizer, prefix: str, suffix: str) -> list[int]:
     """Ids of the one-hole prompt ``prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>``."""
     return multi_infill_prompt(tokenizer, [prefix, suffix])
+
+
+def fit_infill(tokenizer: Tokenizer, prefix: str, suffix: str, room: int) -> tuple[list[int], bool]:
+    """The one-hole prompt in at most ``room`` tokens (>= 16), and whether text had to be cut to get there.
+
+    A prompt that does not fit keeps the end of the prefix and the start of the suffix, as llama.cpp's /infill
+    does: the suffix keeps at least a quarter of the budget when it is that long, the prefix gets the rest. Cuts
+    are at token boundaries of each piece's own tokenization; the pieces are re-tokenized as text, which can
+    change a few tokens at the cut, hence 8 tokens of slack, then a check."""
+    ids = infill_prompt(tokenizer, prefix, suffix)
+    if len(ids) <= room:
+        return ids, False
+    pre, suf = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    budget = max(room - (len(ids) - len(pre) - len(suf)) - 8, 2)
+    while True:
+        keep_s = min(len(suf), max(budget // 4, budget - len(pre)))
+        keep_p = min(len(pre), budget - keep_s)
+        ids = infill_prompt(tokenizer, tokenizer.decode(pre[len(pre) - keep_p:]), tokenizer.decode(suf[:keep_s]))
+        if len(ids) <= room or budget <= 2:
+            return ids, True
+        budget -= len(ids) - room
 
 
 def multi_infill_prompt(tokenizer: Tokenizer, pieces: Sequence[str]) -> list[int]:

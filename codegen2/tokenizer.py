@@ -1,8 +1,9 @@
-"""Tokenizers for CodeGen2 and CodeGen2.5 behind one interface (spec sections 3 and 5).
+"""Tokenizers for CodeGen2 and CodeGen2.5 behind one interface.
 
 What this is:
 - ``CodeGen2Tokenizer``: the published ``tokenizer.json`` run by the ``tokenizers`` library. Its ids are the
-  reference fast tokenizer's ids (the slow GPT2Tokenizer is broken for code, spec §0.8).
+  reference fast tokenizer's ids (the slow GPT2Tokenizer of transformers 4.31 is broken for code: it strips
+  whitespace next to the added whitespace and mask tokens, dropping newlines and whole indents).
 - ``CodeGen25Tokenizer``: the CodeGen2.5 tiktoken encoding rebuilt without transformers or remote code: GPT-2
   ranks, whitespace runs appended as BPE ranks, StarCoder/infill control tokens as tiktoken special tokens.
 - ``IncrementalDecoder``: streaming decode that never emits half a UTF-8 character.
@@ -34,14 +35,16 @@ VOCAB_SIZE = 51200
 N_GPT2_RANKS = 50256  # mergeable GPT-2 ranks; <|endoftext|> = 50256 comes after them
 ENDOFTEXT = "<|endoftext|>"
 
-# GPT-2's pre-tokenizer regex in tiktoken's current (possessive) form; the spec checked it gives the same ids
-# as the tiktoken 0.4 pattern CodeGen2.5 was published with, and possessive matching avoids backtracking on long runs.
+# GPT-2's pre-tokenizer regex in tiktoken's current (possessive) form. It gives the same ids as the tiktoken 0.4
+# pattern CodeGen2.5 was published with (checked on whitespace edge cases, trailing indentation included), and
+# possessive matching avoids backtracking on long runs.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 STARCODER_TOKENS = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<gh_stars>",
                     "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",
                     "<jupyter_code>", "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>",
                     "<commit_after>", "<reponame>"]
-# The files tiktoken.get_encoding("gpt2") downloads, with the sha256 it verifies (spec §5).
+# The files tiktoken.get_encoding("gpt2") downloads (to $TIKTOKEN_CACHE_DIR, named sha1(url)), with the sha256
+# it verifies.
 _GPT2_FILES = {
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
         "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -225,7 +228,10 @@ def _gpt2_ranks_from_files(vocab_json: Path, merges_txt: Path) -> dict[bytes, in
 
 
 class CodeGen25Tokenizer(Tokenizer):
-    """CodeGen2.5: tiktoken GPT-2 with whitespace-run ranks and control tokens appended (spec §5)."""
+    """CodeGen2.5: tiktoken GPT-2 with whitespace-run ranks and control tokens appended, as the official remote
+    ``tokenization_codegen25.py`` builds it: 31..2 spaces then 9..2 tabs as BPE ranks 50257-50294, then the 18
+    StarCoder tokens, <dummy_0..3>, <sep> 50317, <eom> 50318 and <mask_N> = 51200 - N (N = 1..881) as specials.
+    It reproduces the three published third-party test vectors (tests/test_tokenizer.py)."""
 
     kind = "codegen25"
 

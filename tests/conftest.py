@@ -1,6 +1,8 @@
-"""Fixtures: tiny random checkpoints saved by transformers' own CodeGen and Llama classes.
+"""Fixtures: tiny random checkpoints saved by transformers' own CodeGen and Llama classes, owned here.
 
-transformers is a test-only dependency; it is the independent reference our models are compared against.
+transformers is a test-only dependency; it is the independent reference our models are compared against. Every
+test that needs a standard tiny checkpoint takes it from ``checkpoints`` (or ``codegen_dir`` / ``llama_dir``), so
+each is built once per session; tests that need an unusual one (sharded, tied, biased) build it themselves.
 """
 
 from __future__ import annotations
@@ -46,19 +48,43 @@ def _randomize(model) -> None:
                 p.normal_(0.0, 0.08)
 
 
-@pytest.fixture(scope="session")
-def codegen_dir(tmp_path_factory):
-    """A CodeGen checkpoint saved by transformers (mp_num 4 layout), fp32 safetensors."""
-    path = tmp_path_factory.mktemp("hf_codegen")
-    hf_codegen().save_pretrained(path)
-    return path
+# The standard tiny checkpoints by name: CodeGen (mp_num 4 layout), Llama, and Llama with grouped-query attention.
+TINY = {"codegen2": hf_codegen, "llama": hf_llama, "llama-gqa": lambda: hf_llama(num_key_value_heads=2)}
+
+
+class Checkpoints:
+    """Directory per name, saved by transformers (fp32 safetensors) on first use; ``reference(name)`` is a
+    fresh transformers model loaded from it."""
+
+    def __init__(self, factory) -> None:
+        self.factory, self.dirs = factory, {}
+
+    def __call__(self, name: str):
+        if name not in self.dirs:
+            path = self.factory.mktemp(f"hf_{name}")
+            TINY[name]().save_pretrained(path)
+            self.dirs[name] = path
+        return self.dirs[name]
+
+    def reference(self, name: str):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self(name)).float().eval()
 
 
 @pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf_llama")
-    hf_llama().save_pretrained(path)
-    return path
+def checkpoints(tmp_path_factory) -> Checkpoints:
+    return Checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def codegen_dir(checkpoints):
+    return checkpoints("codegen2")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(checkpoints):
+    return checkpoints("llama")
 
 
 def save_bin(model, path, max_shard_size: str | None = None) -> None:

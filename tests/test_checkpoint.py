@@ -71,7 +71,7 @@ def test_ignored_buffers_in_the_checkpoint(tmp_path):
 # --- the mp_num 8 layout of CodeGen2-1B / 3.7B -------------------------------------------------------------------
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mp: int) -> torch.Tensor:
-    """The spec's layout written out row block by row block: for each shard m, its q rows, v rows, k rows."""
+    """The official 1B / 3.7B layout written out row block by row block: for each shard m, its q, v, k rows."""
     E = q.shape[0]
     block = E // mp
     rows = []

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from conftest import hf_codegen
 
 from codegen2.__main__ import split_at
 from codegen2.infill import infill_prompt
@@ -19,10 +18,8 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_model")
-    hf_codegen().save_pretrained(path)
-    return path
+def model_dir(codegen_dir):
+    return codegen_dir
 
 
 def reference_greedy(model_dir, ids: list[int], n: int, stop_ids: set[int]) -> str:

@@ -1,4 +1,4 @@
-"""DecodeLinear and prepare_for_decode: native kernels and the PyTorch fallback against fp32 references.
+"""DecodeLinear and prepare_for_inference: native kernels and the PyTorch fallback against fp32 references.
 
 The native tests are skipped where the kernels cannot be built (no AVX2/FMA, no compiler); the fallback tests
 always run. The first run in a fresh cache compiles the extension once (~15-20 s), shared by the whole session.
@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegen2.engine import kernels
-from codegen2.engine.kernels import (DecodeLinear, kernels_available, pack_int8, prepare_for_decode, quantize_int8,
-                                     unpack_int8)
+from codegen2 import kernels
+from codegen2.kernels import (DecodeLinear, kernels_available, pack_int8, prepare_for_inference, quantize_int8,
+                              swap_linears, unpack_int8)
+from codegen2.kernels import linear as linear_module
+from codegen2.kernels import native as native_module
 from codegen2.models.codegen2 import CodeGen2, CodeGen2Config
 from codegen2.models.llama import Llama, LlamaConfig
 
@@ -69,8 +71,9 @@ def test_bf16_matches_fp32_reference(path, N, K, bias):
         ref = F.linear(x.float(), ref_w, ref_b)
         y = layer(x)
         assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-        # One rounding of an fp32-accumulated result, plus fp32 summation-order noise.
-        torch.testing.assert_close(y.float(), ref, rtol=U, atol=1e-3, msg=f"M={M}")
+        # Either path (native, or torch where oneDNN has native bf16 and M > 16): one rounding of an
+        # fp32-accumulated result, plus fp32 summation-order noise.
+        torch.testing.assert_close(y.float(), ref, rtol=U, atol=1e-3, msg=f"M={M}, {layer.path(M, x)}")
 
 
 def test_bf16_shapes_dtypes_and_layouts(path):
@@ -138,11 +141,13 @@ def test_int8_matches_dequantized_reference(path, N, K, bias):
         ref = F.linear(x.float(), w_deq, b)
         y = layer(x)
         assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-        # Hand-computed bound per output. Native: x is rounded to int16 steps of max|x_row| / 32767, so each
-        # product is off by at most half a step times |w|. Fallback: the dequantized weight is rounded to bf16
-        # (U of each |w x|). Both: one final bf16 rounding and fp32 summation noise.
+        # Hand-computed bound per output, for the path this product takes. Native: x is rounded to int16 steps
+        # of max|x_row| / 32767, so each product is off by at most half a step times |w|. Fallback: the
+        # dequantized weight is rounded to bf16 (U of each |w x|). Both: one final bf16 rounding and fp32
+        # summation noise.
         abs_wx = F.linear(x.float().abs(), w_deq.abs())  # (M, N): sum_k |w_nk x_mk|
-        if path == "native":
+        assert layer.path(M, x) == path  # int8 takes one path for every M on every CPU
+        if layer.path(M, x) == "native":
             step = x.float().abs().amax(1, keepdim=True) / 32767
             input_err = 0.5 * step * w_deq.abs().sum(1)
         else:
@@ -172,7 +177,7 @@ def test_int8_fp32_input_and_nonfinite(path):
 
 def tiny_codegen2() -> CodeGen2:
     torch.manual_seed(0)
-    model = CodeGen2(CodeGen2Config(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, vocab_size=51200, n_positions=256))
+    model = CodeGen2(CodeGen2Config(n_layers=2, dim=64, n_heads=4, rotary_dim=8, vocab_size=51200, max_seq_len=256))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -188,7 +193,7 @@ def test_prepare_bf16_model_matches(path, T):
     tokens = torch.randint(0, 51200, (1, T))
     with torch.no_grad():
         ref = model(tokens)
-        prepare_for_decode(model, "bf16")
+        swap_linears(model, "bf16")
         assert not any(type(m) is nn.Linear for m in model.modules())
         out = model(tokens)
     # Same weights, fp32 accumulation on both sides: only rounding-order differences, amplified a little by 2
@@ -203,7 +208,7 @@ def test_prepare_int8_model_greedy(path):
     wqkv = weakref.ref(model.layers[0].attention.wqkv.weight)
     with torch.no_grad():
         ref = model(tokens)
-        prepare_for_decode(model, "int8")
+        prepare_for_inference(model, "int8")
         out = model(tokens)
     gc.collect()
     assert wqkv() is None, "the bf16 weight of a quantized Linear must be freed"
@@ -228,7 +233,7 @@ def test_prepare_tied_embeddings(path, mode):
     tokens = torch.randint(0, 51200, (1, 5))
     with torch.no_grad():
         ref = model(tokens)
-        prepare_for_decode(model, mode)
+        swap_linears(model, mode)
         out = model(tokens)
     assert model.tok_embeddings.weight is emb and torch.equal(emb.detach(), emb_before)  # embedding untouched
     if mode == "bf16":
@@ -240,9 +245,38 @@ def test_prepare_tied_embeddings(path, mode):
         assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
 
 
-def test_prepare_rejects_unknown_mode():
-    with pytest.raises(ValueError):
-        prepare_for_decode(nn.Sequential(nn.Linear(4, 4)), "int4")
+def test_prepare_rejects_unknown_formats_and_a_second_preparation():
+    with pytest.raises(ValueError, match="quant must be one of none, int8"):
+        prepare_for_inference(tiny_codegen2(), "int4")
+    with pytest.raises(ValueError, match="mode must be"):
+        swap_linears(nn.Sequential(nn.Linear(4, 4)), "int4")
+    model = prepare_for_inference(tiny_codegen2(), "int8")
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare_for_inference(model, "int8")
+
+
+def test_prepare_picks_the_kernels_by_weights_and_availability(path):
+    """quant=None: a bf16 CPU model gets the native bf16 layers when they exist, anything else stays plain;
+    int8 always quantizes (with the fallback where there is no native kernel)."""
+    bf16 = prepare_for_inference(tiny_codegen2(), None)
+    swapped = [m for m in bf16.modules() if isinstance(m, DecodeLinear)]
+    assert bool(swapped) == (path == "native") and all(m.mode == "bf16" and m.native for m in swapped)
+    fp32 = prepare_for_inference(tiny_codegen2().float(), "none")
+    assert not any(isinstance(m, DecodeLinear) for m in fp32.modules())
+    int8 = prepare_for_inference(tiny_codegen2().float(), "int8")
+    layers = [m for m in int8.modules() if isinstance(m, DecodeLinear)]
+    assert layers and all(m.mode == "int8" and m.native == (path == "native") for m in layers)
+
+
+def test_int8_path_does_not_depend_on_the_cpu(path, monkeypatch):
+    """Where oneDNN has native bf16 (AVX512-BF16, AMX), bf16 products of more than 16 rows go to torch; int8
+    products stay on one path for every M, so an int8 model computes the same numbers on every x86 CPU."""
+    monkeypatch.setattr(linear_module, "has_fast_bf16_gemm", lambda: True)
+    bf16 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "bf16")
+    int8 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "int8")
+    x = torch.randn(40, 32).bfloat16()
+    assert [bf16.path(m, x) for m in (1, 16, 17, 40)] == [path, path, "torch", "torch"]
+    assert [int8.path(m, x) for m in (1, 16, 17, 40, 1024)] == [path] * 5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,19 +291,19 @@ def test_env_var_forces_fallback(monkeypatch):
 
 def test_failed_build_warns_once_and_falls_back(tmp_path):
     """A fresh process with a broken source file: one warning, no exception, a working fallback layer."""
-    if not kernels._cpu_supported():
+    if not native_module.cpu_supported():
         pytest.skip("no build is attempted on this CPU")
     bad = tmp_path / "bad.cpp"
     bad.write_text("this is not C++\n")
     code = f"""
 import warnings, torch
 from pathlib import Path
-from codegen2.engine import kernels
-kernels._SOURCE = Path({str(bad)!r})
+from codegen2.kernels import native, DecodeLinear
+native._SOURCE = Path({str(bad)!r})
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    ok = [kernels.kernels_available() for _ in range(3)]
-    layer = kernels.DecodeLinear.from_linear(torch.nn.Linear(16, 8).bfloat16(), "int8")
+    ok = [native.kernels_available() for _ in range(3)]
+    layer = DecodeLinear.from_linear(torch.nn.Linear(16, 8).bfloat16(), "int8")
     y = layer(torch.randn(2, 16).bfloat16())
 assert ok == [False] * 3, ok
 assert not layer.native and y.shape == (2, 8)
@@ -279,5 +313,5 @@ print("OK")
 """
     env = {k: v for k, v in os.environ.items() if k != kernels.ENV_VAR}
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr

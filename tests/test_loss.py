@@ -66,7 +66,7 @@ def test_no_grad_path_equals_reference_and_shape_is_checked():
 def test_model_with_targets_equals_loss_of_its_logits(family):
     torch.manual_seed(0)
     if family == "codegen2":
-        model = CodeGen2(CodeGen2Config(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, vocab_size=500, n_positions=64))
+        model = CodeGen2(CodeGen2Config(n_layers=2, dim=32, n_heads=4, rotary_dim=4, vocab_size=500, max_seq_len=64))
     else:
         model = Llama(LlamaConfig(n_layers=2, dim=32, n_heads=4, intermediate_size=64, vocab_size=500, max_seq_len=64))
     model.train()

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_codegen, hf_llama
 
-from codegen2.engine.kv_cache import KVCache
-from codegen2.models import preset_config
-from codegen2.models.checkpoint import build, load_model
+from codegen2.models import build, preset_config
+from codegen2.models.checkpoint import load_model
+from codegen2.models.kv_cache import KVCache
 
 
 def _tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 51200, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-FAMILIES = {
-    "codegen2": lambda **kw: hf_codegen(**kw),
-    "llama": lambda **kw: hf_llama(**kw),
-    "llama-gqa": lambda **kw: hf_llama(num_key_value_heads=2, **kw),
-}
+FAMILIES = ["codegen2", "llama", "llama-gqa"]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def pair(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, checkpoints):
     """(transformers model, our model loaded from the directory transformers saved)."""
-    hf = FAMILIES[request.param]()
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return hf, load_model(path)
+    return checkpoints.reference(request.param), load_model(checkpoints(request.param))
 
 
 @torch.no_grad()
@@ -113,18 +105,18 @@ def _param_count(name: str) -> int:
     ("codegen2-1B", 1.015e9), ("codegen2-3_7B", 3.64e9), ("codegen2-7B", 6.86e9), ("codegen2-16B", 16.03e9),
     ("codegen25-7b-multi", 6.90e9), ("codegen25-7b-mono", 6.90e9), ("codegen25-7b-instruct", 6.90e9),
 ])
-def test_presets_have_the_spec_parameter_counts(name, expected):
+def test_presets_have_the_official_parameter_counts(name, expected):
     assert abs(_param_count(name) - expected) / expected < 0.005
 
 
 def test_preset_shapes():
     cfg = preset_config("codegen2-1B")
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.rotary_dim, cfg.n_inner) == \
+    assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.head_dim, cfg.rotary_dim, cfg.intermediate_size) == \
         (16, 2048, 16, 128, 64, 8192)
     cfg = preset_config("codegen25-7b-mono")
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (32, 4096, 32, 32, 128)
-    custom = preset_config("codegen2-1B", n_layer=2)
-    assert custom.n_layer == 2
+    custom = preset_config("codegen2-1B", n_layers=2)
+    assert custom.n_layers == 2
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("codegen3")
 
@@ -136,13 +128,12 @@ def test_position_past_context_is_a_clear_error(pair):
         ours(x, torch.tensor([[0, ours.config.max_seq_len]]))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_training_mode_fused_attention_matches_transformers_and_its_gradients(family, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_mode_fused_attention_matches_transformers_and_its_gradients(family, checkpoints):
     """Training mode (no positions, no cache) takes the fused causal SDPA path: same logits as transformers,
     and the same gradients as the reference path of eval mode."""
-    hf = FAMILIES[family]()  # fresh: the shared pair has been through bf16 and back
-    hf.save_pretrained(tmp_path)
-    ours = load_model(tmp_path)
+    hf = checkpoints.reference(family)  # fresh: the shared pair has been through bf16 and back
+    ours = load_model(checkpoints(family))
     x = _tokens(2, 40, seed=3)
     with torch.no_grad():
         ref = hf(x).logits.float()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from codegen2.engine.sampling import SamplingParams
 from codegen2.engine.scheduler import Scheduler, Sequence, Status, common_prefix
 
@@ -104,12 +102,6 @@ def test_abort_reaches_waiting_running_and_held():
     assert set(hit) == {a, a2} and all(x.finish_reason == "abort" for x in hit)
     s.schedule()
     assert s.running == [b] and not s.held
-
-
-def test_prompt_that_fills_the_context_is_rejected():
-    s = Scheduler(n_slots=1, max_seq_len=8)
-    with pytest.raises(ValueError, match="leaves no room"):
-        s.add(seq("a", list(range(8))))
 
 
 def test_common_prefix():

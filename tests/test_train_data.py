@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from codegen2.tokenizer import load_tokenizer
+from codegen2.train import cli as train_cli
 from codegen2.train import data
-from codegen2.train.data import TokenCorpus, build_corpus
+from codegen2.train.corpus import SPLITS, TokenCorpus
+from codegen2.train.data import build_corpus
 from codegen2.train.licenses import (
     DEFAULT_LICENSES,
     classify_license_text,
@@ -271,7 +273,7 @@ def test_shards_round_trip(tmp_path, monkeypatch, kind):
     tok = load_tokenizer(None, kind=kind)
     assert m["tokenizer"] == kind
     n_docs = 0
-    for split in data.SPLITS:
+    for split in SPLITS:
         corpus = TokenCorpus(tmp_path / "out", split)
         n_docs += len(corpus)
         assert len(corpus) == m["totals"][split]["files"] > 0
@@ -390,8 +392,8 @@ def test_a_failed_build_leaves_the_previous_one(tmp_path, monkeypatch):
 
 def cli(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="codegen2")
-    data.add_parser(parser.add_subparsers(dest="command", required=True))
-    data.run(parser.parse_args(argv))
+    train_cli.add_parsers(parser.add_subparsers(dest="command", required=True))
+    train_cli.run(parser.parse_args(argv))
 
 
 def test_cli(tmp_path, capsys):

@@ -56,7 +56,7 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
-TINY = {"n_layer": 2, "n_embd": 32, "n_head": 4, "rotary_dim": 4, "n_positions": 256}
+TINY = {"n_layers": 2, "dim": 32, "n_heads": 4, "rotary_dim": 4, "max_seq_len": 256}
 
 
 def write_config(path: Path, corpus: Path, out: Path, **sections) -> Path:
@@ -72,9 +72,10 @@ def write_config(path: Path, corpus: Path, out: Path, **sections) -> Path:
 
 
 def run_train(*args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    # No time limit: how long a run takes depends on how loaded the machine is, never on whether it is right.
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "codegen2.train", *args], env=env, capture_output=True, text=True,
-                          check=False, timeout=600, **kw)
+                          check=False, **kw)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -90,8 +91,8 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_config_file_overrides_and_errors(tmp_path, corpus):
     path = write_config(tmp_path / "c.toml", corpus, tmp_path / "run")
-    cfg = load_config(path, ["optim.lr=1e-2", "run.out_dir=123", "model.shape.n_layer=3", "objective.causal_prob=1"])
-    assert cfg.optim.lr == 1e-2 and cfg.run.out_dir == "123" and cfg.model.shape["n_layer"] == 3
+    cfg = load_config(path, ["optim.lr=1e-2", "run.out_dir=123", "model.shape.n_layers=3", "objective.causal_prob=1"])
+    assert cfg.optim.lr == 1e-2 and cfg.run.out_dir == "123" and cfg.model.shape["n_layers"] == 3
     assert cfg.objective.causal_prob == 1.0 and cfg.data.seq_len == 128
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("optim:\n  lr: 0.5\n  max_steps: 3\n")
@@ -129,6 +130,7 @@ def test_bad_run_settings_are_refused(tmp_path, corpus):
 # --- exact resume, checkpoints, export ---
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
     ref = tmp_path / "ref"
     r = run_train("--config", str(write_config(tmp_path / "ref.toml", corpus, ref)))
@@ -179,6 +181,7 @@ def test_export_loads_in_codegen2_and_transformers(tmp_path, corpus):
     assert torch.equal(ckpt["layers.1.feed_forward.w2.weight"], ours.layers[1].feed_forward.w2.weight)
 
 
+@pytest.mark.slow
 def test_tied_model_with_row_workers_trains_and_exports(tmp_path, corpus):
     # The codegen2-mini layout: output layer tied to the embedding. Rows made by 2 worker processes give the
     # in-process run's losses; the export has no lm_head.weight and loads in codegen2 and transformers alike.
@@ -211,6 +214,7 @@ def test_tied_model_with_row_workers_trains_and_exports(tmp_path, corpus):
     assert t.n_matmul == 2 * block + 2 * E + E * V + V  # + final norm, output weight and bias
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_and_compile_keep_the_trajectory(tmp_path, corpus):
     # Recomputing each block's activations in the backward pass is the same arithmetic: identical losses and
     # weights. Compiled blocks (inductor's fused kernels) round differently: losses and weights within 1e-4.
@@ -232,16 +236,16 @@ def test_activation_checkpointing_and_compile_keep_the_trajectory(tmp_path, corp
 def test_evaluation_does_not_depend_on_the_training_dtype(tmp_path, corpus, monkeypatch):
     # Greedy infill evaluation runs in fp32 whatever the training autocast: the explicit-mask attention keeps
     # fp32 scores by design (under CUDA bf16 autocast its masking overflowed; on CPU it silently rounded).
-    from codegen2.train import loop
+    from codegen2.train import evaluate, loop
 
     path = write_config(tmp_path / "c.toml", corpus, tmp_path / "run")
     generated = {}
-    real = loop.greedy
+    real = evaluate.greedy
     for dtype in ("fp32", "bf16"):
         t = loop.Trainer(load_config(path, [f"run.dtype={dtype}", "run.infill_examples=4"]))
         calls = []
-        monkeypatch.setattr(loop, "greedy", lambda *a, calls=calls, **k: calls.append(real(*a, **k)) or calls[-1])
-        t.infill_exact_match(max_new=24)
+        monkeypatch.setattr(evaluate, "greedy", lambda *a, calls=calls, **k: calls.append(real(*a, **k)) or calls[-1])
+        evaluate.infill_exact_match(t, max_new=24)
         generated[dtype] = calls[0]
     assert len(generated["fp32"]) == 4 and generated["fp32"] == generated["bf16"]
 
@@ -249,6 +253,7 @@ def test_evaluation_does_not_depend_on_the_training_dtype(tmp_path, corpus, monk
 # --- distributed ---
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_follow_one_process(tmp_path, corpus):
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["optim.max_steps=5", "run.eval_every=0", "run.checkpoint_every=100"]
@@ -260,7 +265,7 @@ def test_two_gloo_processes_follow_one_process(tmp_path, corpus):
         port = str(sock.getsockname()[1])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                         port, "-m", "codegen2.train", "--config", str(write_config(tmp_path / "two.toml", corpus, two)),
-                        *extra], env=env, capture_output=True, text=True, timeout=600, check=False)
+                        *extra], env=env, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 2 x cpu" in r.stdout
     a, b = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
@@ -297,7 +302,7 @@ def test_finetune_starts_from_the_checkpoint(tmp_path, corpus, corpus25, family,
     from transformers import AutoModelForCausalLM
 
     from codegen2.tokenizer import load_tokenizer
-    from codegen2.train.data import TokenCorpus
+    from codegen2.train.corpus import TokenCorpus
     from codegen2.train.objective import RowStream
 
     source, data = (codegen_dir, corpus) if family == "codegen" else (llama_dir, corpus25)
@@ -361,7 +366,7 @@ def test_tiny_model_learns_a_pattern_and_infills_held_out_instances(tmp_path):
     build_corpus([src], tmp_path / "tokens", val_fraction=0.05, workers=1, progress=False, near_dup_threshold=0.99)
     out = tmp_path / "run"
     path = tmp_path / "c.toml"
-    path.write_text(f'[model]\nshape = {{ n_layer = 2, n_embd = 64, n_head = 2, rotary_dim = 32, n_positions = 128 }}\n'
+    path.write_text(f'[model]\nshape = {{ n_layers = 2, dim = 64, n_heads = 2, rotary_dim = 32, max_seq_len = 128 }}\n'
                     f'[data]\ncorpus = "{tmp_path / "tokens"}"\nseq_len = 64\n'
                     f'[objective]\ncausal_prob = 0.2\nmax_spans = 1\n'
                     f'[optim]\nlr = 1e-2\nmin_lr = 1e-3\nwarmup_steps = 20\nmax_steps = 400\nbatch_size = 16\n'
@@ -377,7 +382,7 @@ def test_tiny_model_learns_a_pattern_and_infills_held_out_instances(tmp_path):
     tokenizer = load_tokenizer(out / "model")
     corpus_text = "".join(files.values())
     assert not any(n in corpus_text for n in held_out)  # truly unseen
-    engine = Engine(load_model(out / "model", dtype="fp32"), tokenizer, max_batch=8, linear="torch")
+    engine = Engine(load_model(out / "model", dtype="fp32"), tokenizer, max_batch=8)
     cases = [(Infill(f"def {k}_{n}(x):\n", "\n"), body) for n in held_out for k, body in BODIES.items()]
     results = engine.generate([c for c, _ in cases], SamplingParams(max_tokens=16))
     exact = [o.outputs[0].text == want for (_, want), o in zip(cases, results)]

@@ -208,16 +208,16 @@ def test_mixture_ratio(tok, causal_prob):
 
 
 class Corpus:
-    """The interface the stream reads: __len__ and text(i)."""
+    """The interface the stream reads: __len__ and tokens(i) (token ids, as a built corpus stores them)."""
 
-    def __init__(self, texts: list[str]) -> None:
-        self.texts = texts
+    def __init__(self, texts: list[str], tok) -> None:
+        self.ids = [np.array(tok.encode(t), dtype=np.uint16) for t in texts]
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.ids)
 
-    def text(self, i: int) -> str:
-        return self.texts[i]
+    def tokens(self, i: int) -> np.ndarray:
+        return self.ids[i]
 
 
 def row_sequences(tok, tokens, valid) -> list[list[list[int]]]:
@@ -251,7 +251,7 @@ def visited(texts, tok, cfg, seq_len, seed, epochs):
 def test_rows_pack_whole_sequences_of_every_document(tok):
     texts = list(snippets(40, seed=4)) + [stdlib_files()[4][:12000]] + EDGE_CASES
     cfg, seq_len, seed = ObjectiveConfig(), 255, 11
-    stream = RowStream(Corpus(texts), tok, cfg, seq_len, seed)
+    stream = RowStream(Corpus(texts, tok), tok, cfg, seq_len, seed)
     tokens, valid = stream.next_rows(150)
     assert tokens.shape == valid.shape == (150, seq_len + 1)
     rows = row_sequences(tok, tokens, valid)
@@ -302,7 +302,7 @@ def test_lookahead_keeps_padding_low(tok):
 def test_stream_accepts_a_plain_list(tok):
     texts = list(snippets(10, seed=5))
     a = RowStream(texts, tok, ObjectiveConfig(), 255, 0).next_rows(4)
-    b = RowStream(Corpus(texts), tok, ObjectiveConfig(), 255, 0).next_rows(4)
+    b = RowStream(Corpus(texts, tok), tok, ObjectiveConfig(), 255, 0).next_rows(4)
     assert all((x == y).all() for x, y in zip(a, b))
 
 
@@ -331,9 +331,11 @@ def test_resume_reproduces_the_following_rows_across_epochs(tok):
     assert len(epochs_seen) >= 3  # states were taken in several epochs
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_in_process_rows_and_resume_mid_prefetch(tok, tmp_path):
     # A corpus on disk (TokenCorpus travels to the workers as its path) small enough for several epochs.
-    from codegen2.train.data import TokenCorpus, build_corpus
+    from codegen2.train.corpus import TokenCorpus
+    from codegen2.train.data import build_corpus
 
     src = tmp_path / "src"
     src.mkdir()

@@ -1,1 +1,1 @@
-"""Generation: sampling parameters, the static KV cache and (later) the batched engine."""
+"""The generation engine: prompt path, scheduler, runner, sampling, text; see engine.py."""

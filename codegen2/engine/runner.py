@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from codegen2.engine.kv_cache import KVCache
+from codegen2.models.kv_cache import KVCache
 
 
 class ModelRunner:
@@ -26,14 +26,14 @@ class ModelRunner:
         """One token per slot -> fp32 logits (B, V)."""
         x = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         pos = torch.tensor(positions, device=self.device)[:, None]  # (B, 1)
-        return self.model(x, pos, self.cache.slots(slots), last_only=True)[:, -1]
+        return self.model(x, pos, self.cache.rows(slots), last_only=True)[:, -1]
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
-        """A chunk of one prompt at positions start.. -> fp32 logits (V,) of its last token."""
+        """A chunk of one prompt at positions start.. -> fp32 logits (1, V) of its last token."""
         x = torch.tensor(tokens, device=self.device)[None]  # (1, T)
         pos = torch.arange(start, start + len(tokens), device=self.device)[None]  # (1, T)
-        return self.model(x, pos, self.cache.slots([slot]), last_only=True)[0, -1]
+        return self.model(x, pos, self.cache.rows([slot]), last_only=True)[:, -1]
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_prefix(src, dst, length)

@@ -1,10 +1,13 @@
-"""SamplingParams, validated once, and the pure functions that turn one row of logits into a token.
+"""SamplingParams, validated once, and the functions that turn a batch of logits into tokens.
 
 One ``SamplingParams`` is shared by the CLI, the server and evaluation, so a bad value gets the same clear error
-wherever it comes from. The order of operations on the logits follows vLLM / transformers:
-repetition penalty (prompt + output tokens) -> presence / frequency penalties (output tokens) -> temperature ->
-top-k -> top-p -> min-p -> sample. ``logprobs`` report the model's own distribution (log-softmax of the raw
-logits), not the filtered one.
+(an ``InvalidRequest`` naming the parameter) wherever it comes from. The order of operations on the logits follows
+vLLM / transformers: repetition penalty (prompt + output tokens) -> presence / frequency penalties (output tokens)
+-> temperature -> top-k -> top-p -> min-p -> sample. ``logprobs`` report the model's own distribution
+(log-softmax of the raw logits), not the filtered one.
+
+``sample_batch`` is the one place the engine samples: every row of a step at once, each with its own parameters
+and random generator, and one transfer of the results to the host.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from codegen2.engine.errors import InvalidRequest
 
 
 @dataclass
@@ -40,26 +45,32 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        checks = [
-            (_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-            (_num(self.temperature) and self.temperature >= 0, f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}"),
-            (_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"),
-            (_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}"),
-            (_num(self.repetition_penalty) and self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty!r}"),
-            (_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
-            (_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
-            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop!r}"),
-            (all(_int(i) and i >= 0 for i in self.stop_token_ids), f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}"),
-            (_int(self.n) and 1 <= self.n <= self.MAX_N, f"n must be an integer in [1, {self.MAX_N}], got {self.n!r}"),
-            (self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63 - self.MAX_N),
-             f"seed must be an integer in [0, 2**63 - {self.MAX_N}), got {self.seed!r}"),
-            (self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
-             f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}"),
+        n_max, lp_max = self.MAX_N, self.MAX_LOGPROBS
+        checks = [  # (the parameter, whether its value is valid, what it must be)
+            ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+            ("temperature", _num(self.temperature) and self.temperature >= 0,
+             "temperature must be >= 0 (0 means greedy)"),
+            ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            ("top_k", _int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables it)"),
+            ("min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            ("repetition_penalty", _num(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty must be > 0"),
+            ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "presence_penalty must be in [-2, 2]"),
+            ("frequency_penalty", _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "frequency_penalty must be in [-2, 2]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            ("stop_token_ids", all(_int(i) and i >= 0 for i in self.stop_token_ids),
+             "stop_token_ids must be token ids >= 0"),
+            ("n", _int(self.n) and 1 <= self.n <= n_max, f"n must be an integer in [1, {n_max}]"),
+            ("seed", self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63 - n_max),
+             f"seed must be an integer in [0, 2**63 - {n_max})"),
+            ("logprobs", self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= lp_max),
+             f"logprobs must be an integer in [0, {lp_max}]"),
         ]
-        for ok, message in checks:
+        for param, ok, rule in checks:
             if not ok:
-                raise ValueError(message)
+                raise InvalidRequest(f"{rule}, got {getattr(self, param)!r}", param)
 
     @property
     def greedy(self) -> bool:
@@ -113,16 +124,47 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) fp32 logits (already penalised) -> (B,) token ids."""
+    """(B, V) fp32 logits (already penalised) -> (B,) token ids, every row with the same parameters.
+
+    Sampling draws the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) independent picks token i with
+    probability p_i (as vLLM does), so a row needs only device-side work, no multinomial call per row."""
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, params), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-30)  # 0 would give 0 / 0
+    return (probs / race).argmax(dim=-1)
 
 
-def top_logprobs(logits: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
-    """(V,) raw logits -> (log-prob of ``token``, the top ``n`` (id, log-prob) pairs, best first)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(logp, n) if n else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return float(logp[token]), pairs
+@dataclass
+class Sampled:
+    token: int
+    logprob: float | None = None  # the token's log-probability under the model, when logprobs were asked for
+    top: list[tuple[int, float]] | None = None  # the top-N (id, log-prob) pairs, best first
+
+
+def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
+                 generators: Sequence[torch.Generator | None], histories: Sequence[tuple[Sequence[int], Sequence[int]]]
+                 ) -> list[Sampled]:
+    """One token per row of (B, V) fp32 logits: row b with params[b], generators[b] and its (prompt, output) token
+    history for the penalties; log-probabilities where params[b].logprobs is set. One host transfer in all."""
+    B = logits.shape[0]
+    chosen = torch.stack([sample(apply_penalties(logits[b], params[b], *histories[b])[None], params[b],
+                                 generators[b])[0] for b in range(B)])  # (B,)
+    want = [b for b in range(B) if params[b].logprobs is not None]
+    packed = [chosen.double()]
+    if want:
+        n = max(params[b].logprobs for b in want)
+        logp = torch.log_softmax(logits[want].float(), dim=-1)  # (W, V)
+        packed.append(logp.gather(1, chosen[want][:, None])[:, 0].double())  # (W,)
+        if n:
+            top = torch.topk(logp, n, dim=-1)
+            packed += [top.indices.double().flatten(), top.values.double().flatten()]  # ids < 2**24: exact
+    flat = torch.cat(packed).tolist()  # the one transfer
+    out = [Sampled(int(t)) for t in flat[:B]]
+    if want:
+        picked, rest = flat[B:B + len(want)], flat[B + len(want):]
+        for w, b in enumerate(want):
+            k = params[b].logprobs
+            ids, vals = rest[w * n:w * n + k], rest[len(want) * n + w * n:len(want) * n + w * n + k]
+            out[b].logprob, out[b].top = picked[w], [(int(i), v) for i, v in zip(ids, vals)]
+    return out

@@ -63,10 +63,6 @@ class Batch:
     prefill: Prefill | None
     copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src slot, dst slot, length), done first
 
-    @property
-    def empty(self) -> bool:
-        return not self.decode and self.prefill is None and not self.copies
-
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
@@ -94,9 +90,8 @@ class Scheduler:
         self.held: dict[str, list[Sequence]] = {}
 
     def add(self, seq: Sequence) -> None:
-        if len(seq.prompt) >= self.max_seq_len:
-            raise ValueError(f"the prompt has {len(seq.prompt)} tokens; the context is {self.max_seq_len} tokens, "
-                             "which leaves no room to generate")
+        """Queue a sequence; its prompt was checked to fit the context (engine/prompt.py)."""
+        assert len(seq.prompt) < self.max_seq_len, "prompts are checked by prepare_request"
         leader = any(s.request_id == seq.request_id and s.status in (Status.WAITING, Status.PREFILL)
                      for s in [*self.waiting, *self.running])
         if leader:
@@ -167,7 +162,3 @@ class Scheduler:
     def decoded(self, seq: Sequence) -> None:
         """The last output token was fed to the model: every token's K/V is now in the cache."""
         seq.n_cached = len(seq.prompt) + len(seq.output)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.held)

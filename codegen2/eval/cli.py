@@ -71,13 +71,9 @@ def _engine(args: argparse.Namespace):
     import torch
 
     from codegen2.engine.engine import Engine
-    from codegen2.models.checkpoint import load_model, resolve
-    from codegen2.tokenizer import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    directory = resolve(args.model)
-    model = load_model(directory, dtype=args.dtype, device=device)
-    return Engine(model, load_tokenizer(directory), max_batch=args.max_batch)
+    return Engine.from_pretrained(args.model, dtype=args.dtype, device=device, max_batch=args.max_batch)
 
 
 def main(argv: list[str] | None = None) -> None:

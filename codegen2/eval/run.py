@@ -107,11 +107,16 @@ def generate(task: str, problems: list[Problem], engine: Engine, out: Path, n: i
                     pending[engine.add_request(tasks.prompt(task, problem), params)] = (problem, run[0])
                 except ValueError as e:  # e.g. a prompt longer than the model's context: these samples fail
                     write(problem, run[0], [""] * len(run), error=str(e))
+        texts: dict[str, dict[int, str]] = {}  # request id -> completion index -> text so far
         while engine.has_unfinished():
-            for output in engine.step():
+            for output in engine.step():  # deltas: each completion's new text
+                so_far = texts.setdefault(output.request_id, {})
+                for o in output.outputs:
+                    so_far[o.index] = so_far.get(o.index, "") + o.text
                 if output.finished and output.request_id in pending:
                     problem, start = pending.pop(output.request_id)
-                    write(problem, start, [tasks.postprocess(task, o.text) for o in output.outputs])
+                    done = texts.pop(output.request_id)
+                    write(problem, start, [tasks.postprocess(task, done[i]) for i in sorted(done)])
     bar.close()
     return [r for r in read_jsonl(path) if (r["task_id"], r["sample"]) in wanted]
 

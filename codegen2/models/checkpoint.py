@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from codegen2.models import convert
-from codegen2.models.codegen2 import CodeGen2, CodeGen2Config
-from codegen2.models.llama import Llama
+from codegen2.models import ModelConfig, build, convert
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -133,10 +131,6 @@ class _Weights:
 
 # --- loading -----------------------------------------------------------------------------------------------------
 
-def build(cfg: convert.ModelConfig) -> nn.Module:
-    return CodeGen2(cfg) if isinstance(cfg, CodeGen2Config) else Llama(cfg)
-
-
 def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                mp_num: int | None = None) -> nn.Module:
     """Load a checkpoint directory or hub id into our model, in eval mode, without gradients.
@@ -164,7 +158,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
         raise CheckpointError(f"{available[unexpected[0]]}: unexpected tensor '{unexpected[0]}' "
                               "(does config.json match these weights?)")
     target = parse_dtype(dtype)
-    layout = convert.qkv_mp_num(hf, mp_num) if isinstance(cfg, CodeGen2Config) else None
+    layout = convert.qkv_mp_num(hf, mp_num) if cfg.family == "codegen2" else None
     state = {}
     for hf_name, ours in expected.items():
         path = available[hf_name]
@@ -178,7 +172,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
         if ours.endswith("attention.wqkv.weight"):
             t = convert.qkv_from_hf(t, layout)
         state[ours] = t.to(target)  # no copy when the stored dtype is already the target
-    if cfg.tie_word_embeddings:  # the file has no lm_head.weight; the module still lists output.weight
+    if cfg.tie_word_embeddings:  # the file has no output weight of its own; the module still lists one
         state["output.weight"] = state["tok_embeddings.weight"]
     model_.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:
@@ -218,7 +212,7 @@ def save_model(model: nn.Module, directory: str | Path, dtype: str | torch.dtype
     return out
 
 
-def _write_tokenizer(out: Path, cfg: convert.ModelConfig, source: Path | None) -> None:
+def _write_tokenizer(out: Path, cfg: ModelConfig, source: Path | None) -> None:
     copied = False
     if source is not None and source.resolve() != out.resolve():
         for name in TOKENIZER_FILES:
@@ -227,7 +221,7 @@ def _write_tokenizer(out: Path, cfg: convert.ModelConfig, source: Path | None) -
                 copied = True
     if copied:
         return
-    if isinstance(cfg, CodeGen2Config):
+    if cfg.family == "codegen2":
         bundled = Path(__file__).resolve().parent.parent / "data" / "codegen2-tokenizer"
         for name in TOKENIZER_FILES:
             shutil.copyfile(bundled / name, out / name)

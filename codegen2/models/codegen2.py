@@ -1,8 +1,11 @@
 """CodeGen2 (1B, 3.7B, 7B, 16B) in plain PyTorch.
 
 The architecture is GPT-J's: one LayerNorm per block feeding attention and MLP in parallel, interleaved (GPT-J)
-rotary embeddings on the first ``rotary_dim`` dims of each head, ``gelu_new``, and an ``lm_head`` with a bias
-(untied in the official checkpoints; small models of our own tie its weight to the embedding). Attention scores and softmax run in fp32 as in the reference code (spec §2.3).
+rotary embeddings on the first ``rotary_dim`` dims of each head, ``gelu_new``, and an output layer with a bias
+(untied in the official checkpoints; small models of our own tie its weight to the embedding). The reference
+(Salesforce's remote ``modeling_codegen.py``) computes rotary, attention scores and softmax in fp32 even for half
+models, divides the scores by sqrt(head_dim) rather than multiplying, masks with the fp32 minimum, and adds
+attention and MLP before the residual; each of these is kept here because it changes half-precision results.
 
 This file is pure math: token ids, explicit positions and an optional KV cache in, fp32 logits out. It knows
 nothing of checkpoints: the fused, mp_num-interleaved ``qkv_proj`` of the official weights is turned into the
@@ -13,63 +16,58 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegen2.engine.kv_cache import KVCache, attention_mask
+from codegen2.models.kv_cache import CacheRows, KVCache, LayerCache, attention_mask
 from codegen2.models.loss import linear_cross_entropy
 
 
 @dataclass
 class CodeGen2Config:
-    n_layer: int
-    n_embd: int
-    n_head: int
+    # The field names are shared with LlamaConfig (llama.py); convert.py maps Hugging Face's names to them.
+    n_layers: int
+    dim: int
+    n_heads: int
     rotary_dim: int = 64
-    n_inner: int | None = None  # None -> 4 * n_embd, as in the official configs
+    intermediate_size: int | None = None  # None -> 4 * dim, as in the official configs
     vocab_size: int = 51200
-    n_positions: int = 2048
-    layer_norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
     tie_word_embeddings: bool = False  # the output layer's weight is the embedding (its bias stays its own)
 
-    family = "codegen2"
+    family: ClassVar[str] = "codegen2"
 
     def __post_init__(self) -> None:
-        if self.n_inner is None:
-            self.n_inner = 4 * self.n_embd
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.dim
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.dim // self.n_heads
 
     @property
-    def n_kv_heads(self) -> int:
-        return self.n_head
-
-    @property
-    def n_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.n_positions
+    def n_kv_heads(self) -> int:  # no grouped-query attention in CodeGen2
+        return self.n_heads
 
     def to_dict(self) -> dict:
         return {"family": self.family, **asdict(self)}
 
 
-# Shapes of the official checkpoints (spec §2.1).
+# Shapes of the official checkpoints, from their config.json files (rotary_dim 64, intermediate_size 4 * dim,
+# 2048 positions and a vocabulary of 51,200 in all four).
 PRESETS: dict[str, dict] = {
-    "codegen2-1B": dict(n_layer=16, n_embd=2048, n_head=16),
-    "codegen2-3_7B": dict(n_layer=16, n_embd=4096, n_head=16),
-    "codegen2-7B": dict(n_layer=32, n_embd=4096, n_head=16),
-    "codegen2-16B": dict(n_layer=34, n_embd=6144, n_head=24),
+    "codegen2-1B": dict(n_layers=16, dim=2048, n_heads=16),
+    "codegen2-3_7B": dict(n_layers=16, dim=4096, n_heads=16),
+    "codegen2-7B": dict(n_layers=32, dim=4096, n_heads=16),
+    "codegen2-16B": dict(n_layers=34, dim=6144, n_heads=24),
 }
 
 
@@ -79,13 +77,13 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-def rotary_table(n_positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_table(max_seq_len: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (S, R) sin and cos with each frequency repeated for an interleaved pair [f0, f0, f1, f1, ...].
 
     Computed on the CPU as the reference does, so every device sees the same bits.
     """
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim))
-    angles = torch.einsum("i,j->ij", torch.arange(n_positions, dtype=torch.float, device="cpu"), inv_freq).float()
+    angles = torch.einsum("i,j->ij", torch.arange(max_seq_len, dtype=torch.float, device="cpu"), inv_freq).float()
     return (torch.repeat_interleave(torch.sin(angles), 2, dim=-1),
             torch.repeat_interleave(torch.cos(angles), 2, dim=-1))
 
@@ -100,17 +98,21 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, cfg: CodeGen2Config) -> None:
         super().__init__()
-        self.n_head, self.head_dim, self.rotary_dim = cfg.n_head, cfg.head_dim, cfg.rotary_dim
+        self.n_heads, self.head_dim, self.rotary_dim = cfg.n_heads, cfg.head_dim, cfg.rotary_dim
         # Plain head-major [q; k; v] rows; the checkpoint's interleaved layout is undone by the converter.
-        self.wqkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        # A Python float: the reference's sqrt(head_dim) in fp32 (see spec gotcha 5 for the 1B half trap).
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        # A Python float: the reference's sqrt(head_dim) as an fp32 model computes it. (A 1B model built by
+        # from_pretrained(torch_dtype=half) rounds it to 11.3125 instead of 11.3137; a model loaded in fp32 and
+        # then cast keeps this value, which is the one used here.)
         self.scale = math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor | None, kv_len: int, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None) -> torch.Tensor:
+        """x (B, T, E); sin, cos (B, T, 1, R) or (T, 1, R); mask (B, 1, T, S) bool, or None for plain causal
+        attention over this call's tokens (training); cache: this layer's K/V, or None."""
         B, T, E = x.shape
-        H, D, R = self.n_head, self.head_dim, self.rotary_dim
+        H, D, R = self.n_heads, self.head_dim, self.rotary_dim
         q, k, v = self.wqkv(x).view(B, T, 3, H, D).unbind(2)  # each (B, T, H, D)
         # Rotary in fp32 (the reference's fp32 cos/sin promote half inputs), on the first R dims only.
         q = torch.cat([apply_rotary(q[..., :R].float(), sin, cos), q[..., R:].float()], dim=-1)
@@ -121,7 +123,7 @@ class Attention(nn.Module):
                                                  scale=1.0 / self.scale)
             return self.wo(out.transpose(1, 2).reshape(B, T, E))
         if cache is not None:
-            k, v = cache.update(layer, input_pos, k, v, kv_len)  # (B, H, S, D)
+            k, v = cache.update(k, v)  # (B, H, S, D)
         scores = torch.matmul(q, k.float().transpose(-1, -2)) / self.scale  # (B, H, T, S) fp32
         scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
@@ -135,8 +137,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: CodeGen2Config) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.n_embd, cfg.n_inner)  # fc_in
-        self.w2 = nn.Linear(cfg.n_inner, cfg.n_embd)  # fc_out
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size)  # fc_in
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim)  # fc_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(gelu_new(self.w1(x)))
@@ -145,67 +147,71 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: CodeGen2Config) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None) -> torch.Tensor:
         h = self.norm(x)
         # (attention + mlp) first, then the residual: the order matters in half precision.
-        return (self.attention(h, *args) + self.feed_forward(h)) + x
+        return (self.attention(h, sin, cos, mask, cache) + self.feed_forward(h)) + x
 
 
 class CodeGen2(nn.Module):
     def __init__(self, cfg: CodeGen2Config) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=True)
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.reset_rotary()
 
     def reset_rotary(self) -> None:
         """(Re)build the rotary tables; needed after the model was built on the meta device."""
-        sin, cos = rotary_table(self.config.n_positions, self.config.rotary_dim)
+        sin, cos = rotary_table(self.config.max_seq_len, self.config.rotary_dim)
         device = self.output.weight.device
         device = "cpu" if device.type == "meta" else device
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False,
+                cache: KVCache | CacheRows | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> fp32 logits (B, T, V), or (B, 1, V) for the last column with last_only.
         With targets (B, T) (token ids, -100 where nothing is predicted): the summed cross-entropy instead, an
         fp32 scalar, computed in chunks without materialising the logits (models/loss.py).
 
         input_pos (B, T) gives each token's absolute position (-1 marks padding); default 0..T-1 per row.
-        With a cache, K/V are written at those positions and attention reads positions 0..max(input_pos).
+        With a cache (a KVCache as large as the batch, or ``cache.rows(slots)``), K/V are written at those
+        positions and attention reads positions 0..max(input_pos).
 
         In training mode, a call without positions or cache (the training step) uses the fused causal SDPA
         kernel instead of the reference's explicit fp32 softmax: same math, not bit-identical, much less memory.
         """
         B, T = tokens.shape
+        caches: list[LayerCache | None] = [None] * len(self.layers)
         if self.training and input_pos is None and cache is None:
-            if T > self.config.n_positions:
-                raise ValueError(f"{T} tokens are more than the model's {self.config.n_positions} positions")
-            mask, kv_len = None, T
+            if T > self.config.max_seq_len:
+                raise ValueError(f"{T} tokens are more than the model's {self.config.max_seq_len} positions")
+            mask = None
             sin, cos = self.rope_sin[:T, None], self.rope_cos[:T, None]  # (T, 1, R), broadcast over B
-            input_pos = torch.arange(T, device=tokens.device).expand(B, T)  # not read on this path
         else:
             if input_pos is None:
                 input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-            if int(input_pos.max()) >= self.config.n_positions:
-                raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.n_positions}")
+            if int(input_pos.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.max_seq_len}")
             mask, kv_len = attention_mask(input_pos, cache)
+            if cache is not None:
+                caches = (cache.rows() if isinstance(cache, KVCache) else cache).layers(input_pos, kv_len)
             rope_pos = input_pos.clamp(min=0)
             sin, cos = self.rope_sin[rope_pos][:, :, None], self.rope_cos[rope_pos][:, :, None]  # (B, T, 1, R)
         x = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, sin, cos, input_pos, mask, kv_len, cache, i)
+        for layer, layer_cache in zip(self.layers, caches):
+            x = layer(x, sin, cos, mask, layer_cache)
         if targets is not None:
             return linear_cross_entropy(self.norm(x), self.output.weight, self.output.bias, targets)
         if last_only:

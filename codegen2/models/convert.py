@@ -2,12 +2,19 @@
 
 Every checkpoint quirk is fixed here, once, so the model files stay pure math:
 
+- Hugging Face's config fields (``n_layer``, ``n_embd``, ``hidden_size``, ...) and tensor names become our one
+  vocabulary (``n_layers``, ``dim``, ``layers.{i}.attention.wqkv``, ...) here and nowhere else.
 - CodeGen2's ``qkv_proj.weight`` (3E, E) is stored shard-major: rows ordered (shard m < mp_num, part in q, v, k,
-  row < E / mp_num). We turn it into plain head-major ``[q; k; v]`` rows (spec §2.4), and back on export.
-- ``mp_num`` is 8 for the 1B / 3.7B checkpoints and 4 for 7B / 16B and for transformers' built-in CodeGen.
-  Only the 1B / 3.7B config.json files carry a ``head_dim`` key, so that key decides (as CTranslate2 does);
-  checkpoints we export carry an explicit ``codegen2_qkv_mp_num``; a caller may override both.
+  row < E / mp_num), i.e. ``W.view(mp, 3, E / mp, E)[:, 0]`` are the query rows, ``[:, 1]`` the value rows and
+  ``[:, 2]`` the key rows, each head-major once the shards are concatenated. We turn it into plain head-major
+  ``[q; k; v]`` rows, and back on export.
+- ``mp_num`` is 8 for the 1B / 3.7B checkpoints (their remote ``modeling_codegen.py`` hard-codes it; a wrong
+  split scrambles q, k and v) and 4 for 7B / 16B and for transformers' built-in CodeGen. Only the 1B / 3.7B
+  config.json files carry a ``head_dim`` key, so that key decides (as CTranslate2 does); checkpoints we export
+  carry an explicit ``codegen2_qkv_mp_num``; a caller may override both.
 - Buffers that are not weights (``attn.causal_mask``, ``attn.masked_bias``, ``rotary_emb.inv_freq``) are dropped.
+- The official CodeGen2 configs set ``eos_token_id = 2``, which is ``#``: exported configs name 50256
+  (``<|endoftext|>``) instead, so generate() elsewhere does not stop at the first comment.
 
 What it is not: file reading or writing; ``checkpoint.py`` does that.
 """
@@ -18,10 +25,9 @@ import re
 
 import torch
 
+from codegen2.models import ModelConfig
 from codegen2.models.codegen2 import CodeGen2Config
 from codegen2.models.llama import LlamaConfig
-
-ModelConfig = CodeGen2Config | LlamaConfig
 
 IGNORED = re.compile(r".*(attn\.causal_mask|attn\.masked_bias|attn\.bias|rotary_emb\.inv_freq)$")
 
@@ -43,10 +49,10 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type == "codegen":
         return CodeGen2Config(
-            n_layer=_need(hf, "n_layer", source), n_embd=_need(hf, "n_embd", source),
-            n_head=_need(hf, "n_head", source), rotary_dim=_need(hf, "rotary_dim", source),
-            n_inner=hf.get("n_inner"), vocab_size=_need(hf, "vocab_size", source),
-            n_positions=_need(hf, "n_positions", source), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            n_layers=_need(hf, "n_layer", source), dim=_need(hf, "n_embd", source),
+            n_heads=_need(hf, "n_head", source), rotary_dim=_need(hf, "rotary_dim", source),
+            intermediate_size=hf.get("n_inner"), vocab_size=_need(hf, "vocab_size", source),
+            max_seq_len=_need(hf, "n_positions", source), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
     if model_type == "llama":
         if hf.get("rope_scaling"):
@@ -77,12 +83,12 @@ def qkv_mp_num(hf: dict, override: int | None = None) -> int:
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """A config.json that transformers' CodeGenForCausalLM / LlamaForCausalLM load, for our exported layout."""
-    if isinstance(cfg, CodeGen2Config):
+    if cfg.family == "codegen2":
         return {
             "architectures": ["CodeGenForCausalLM"], "model_type": "codegen",
-            "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "rotary_dim": cfg.rotary_dim,
-            "n_inner": cfg.n_inner, "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions,
-            "n_ctx": cfg.n_positions, "layer_norm_epsilon": cfg.layer_norm_eps, "activation_function": "gelu_new",
+            "n_layer": cfg.n_layers, "n_embd": cfg.dim, "n_head": cfg.n_heads, "rotary_dim": cfg.rotary_dim,
+            "n_inner": cfg.intermediate_size, "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len,
+            "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
             "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
             "tie_word_embeddings": cfg.tie_word_embeddings,
             # The configs' eos id 2 is '#'; generation must stop at <|endoftext|>.
@@ -136,7 +142,7 @@ _LLAMA_NAMES = {
 
 def name_map(cfg: ModelConfig) -> dict[str, str]:
     """Every Hugging Face tensor name the checkpoint must hold -> our parameter name."""
-    table = _CODEGEN2_NAMES if isinstance(cfg, CodeGen2Config) else _LLAMA_NAMES
+    table = {"codegen2": _CODEGEN2_NAMES, "llama": _LLAMA_NAMES}[cfg.family]
     out = {}
     for hf, ours in table.items():
         if "{}" in hf:

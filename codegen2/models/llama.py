@@ -11,17 +11,19 @@ and cast to the activation dtype.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegen2.engine.kv_cache import KVCache, attention_mask
+from codegen2.models.kv_cache import CacheRows, KVCache, LayerCache, attention_mask
 from codegen2.models.loss import linear_cross_entropy
 
 
 @dataclass
 class LlamaConfig:
+    # The field names are shared with CodeGen2Config (codegen2.py); convert.py maps Hugging Face's names to them.
     n_layers: int
     dim: int
     n_heads: int
@@ -33,7 +35,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
 
-    family = "llama"
+    family: ClassVar[str] = "llama"
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -51,6 +53,8 @@ class LlamaConfig:
         return {"family": self.family, **asdict(self)}
 
 
+# The three CodeGen2.5 checkpoints share one shape (their config.json: 32 layers, hidden 4096, 32 heads, MLP 11008,
+# 2048 positions, rms_norm_eps 1e-6, rope_theta 10000, vocabulary 51,200).
 _CODEGEN25 = dict(n_layers=32, dim=4096, n_heads=32, intermediate_size=11008)
 PRESETS: dict[str, dict] = {
     "codegen25-7b-multi": _CODEGEN25,
@@ -93,8 +97,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor | None, kv_len: int, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None) -> torch.Tensor:
+        """x (B, T, dim); sin, cos (B, 1, T, D) or (T, D); mask (B, 1, T, S) additive, or None for plain causal
+        attention over this call's tokens (training); cache: this layer's K/V, or None."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -103,7 +109,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(layer, input_pos, k, v, kv_len)  # (B, Hkv, S, D)
+            k, v = cache.update(k, v)  # (B, Hkv, S, D)
         if Hkv != H:  # grouped-query attention: kv head j serves query heads j*rep .. (j+1)*rep - 1
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
@@ -129,8 +135,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), *args)
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), sin, cos, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -155,39 +162,43 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False,
+                cache: KVCache | CacheRows | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> fp32 logits (B, T, V), or (B, 1, V) for the last column with last_only.
         With targets (B, T) (token ids, -100 where nothing is predicted): the summed cross-entropy instead, an
         fp32 scalar, computed in chunks without materialising the logits (models/loss.py).
 
         input_pos (B, T) gives each token's absolute position (-1 marks padding); default 0..T-1 per row.
+        With a cache (a KVCache as large as the batch, or ``cache.rows(slots)``), K/V are written at those
+        positions and attention reads positions 0..max(input_pos).
 
         In training mode, a call without positions or cache (the training step) uses SDPA's causal flag
         instead of a materialised (B, 1, T, T) mask.
         """
         B, T = tokens.shape
         x = self.tok_embeddings(tokens)
+        caches: list[LayerCache | None] = [None] * len(self.layers)
         if self.training and input_pos is None and cache is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"{T} tokens are more than the model's {self.config.max_seq_len} positions")
-            mask, kv_len = None, T
+            mask = None
             sin, cos = self.rope_sin[:T].to(x.dtype), self.rope_cos[:T].to(x.dtype)  # (T, D), broadcast
-            input_pos = torch.arange(T, device=tokens.device).expand(B, T)  # not read on this path
         else:
             if input_pos is None:
                 input_pos = torch.arange(T, device=tokens.device).expand(B, T)
             if int(input_pos.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.max_seq_len}")
             allowed, kv_len = attention_mask(input_pos, cache)
+            if cache is not None:
+                caches = (cache.rows() if isinstance(cache, KVCache) else cache).layers(input_pos, kv_len)
             # Additive mask with a finite minimum: fully masked padding rows stay finite instead of NaN.
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
             mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
             rope_pos = input_pos.clamp(min=0)
             sin = self.rope_sin[rope_pos][:, None].to(x.dtype)  # (B, 1, T, D)
             cos = self.rope_cos[rope_pos][:, None].to(x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, sin, cos, input_pos, mask, kv_len, cache, i)
+        for layer, layer_cache in zip(self.layers, caches):
+            x = layer(x, sin, cos, mask, layer_cache)
         if targets is not None:
             return linear_cross_entropy(self.norm(x), self.output.weight, None, targets)
         if last_only:

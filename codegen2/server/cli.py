@@ -1,7 +1,8 @@
 """``codegen2 serve``: the command's arguments, and the process around the app (app.py) under uvicorn.
 
     codegen2 serve --model Salesforce/codegen2-1B_P [--host 127.0.0.1] [--port 8000] [--api-key KEY ...]
-                   [--max-concurrency 16] [--dtype bf16] [--device cpu] [--cors-origin ORIGIN ...]
+                   [--max-concurrency 16] [--dtype bf16] [--device cpu] [--quant none|int8]
+                   [--cors-origin ORIGIN ...]
 
 The server listens at once and loads the model in the background (/health answers 503 until it is ready); if
 loading fails the server stops with the error. What this is not: the routes (app.py).
@@ -26,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="sequences generated together, one KV-cache slot each; more requests wait in a queue")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype (default bf16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--quant", default="auto", choices=["auto", "bf16", "int8", "torch"],
-                   help="matrix kernels: int8 = weight-only int8; auto = native bf16 kernels for bf16 on CPU")
+    p.add_argument("--quant", default="none", choices=["none", "int8"],
+                   help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (faster CPU decode)")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="let browser pages from this origin call the API (repeatable, '*' for any); off by default")
 
@@ -41,8 +42,6 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: codegen2 serve needs the server extra ({e.name} is missing): "
                          "pip install 'codegen2[server]'") from None
     from codegen2.engine.engine import Engine
-    from codegen2.models.checkpoint import load_model, resolve
-    from codegen2.tokenizer import load_tokenizer
 
     if args.max_concurrency < 1:
         raise SystemExit(f"error: --max-concurrency must be >= 1, got {args.max_concurrency}")
@@ -50,9 +49,8 @@ def run(args: argparse.Namespace) -> None:
 
     def load() -> Engine:
         try:
-            directory = resolve(args.model)
-            model = load_model(directory, dtype=args.dtype, device=args.device)
-            return Engine(model, load_tokenizer(directory), max_batch=args.max_concurrency, linear=args.quant)
+            return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
+                                          max_batch=args.max_concurrency)
         except BaseException:
             server.should_exit = True  # a server without a model only answers 503: stop instead
             raise
@@ -60,5 +58,5 @@ def run(args: argparse.Namespace) -> None:
     app = create_app(load, args.model, api_keys=keys, cors_origins=args.cors_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     server.run()
-    if app.state.load_error:
-        raise SystemExit(f"error: {app.state.load_error}")
+    if app.state.codegen2.load_error:
+        raise SystemExit(f"error: {app.state.codegen2.load_error}")

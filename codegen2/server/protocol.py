@@ -2,17 +2,20 @@
 
 What this is: pydantic request schemas (names, types, defaults as the originals document them), their mapping
 to the one ``SamplingParams``, and builders for the response JSON in each API's exact shape.
-What this is not: value checks (``SamplingParams`` makes those, with the same messages as the CLI), prompt
-building (``infill.py``), or anything that touches the engine or HTTP (app.py).
+What this is not: value checks (``SamplingParams`` makes those, with the same messages as the CLI; an error is
+reported under the name the client's API gives the field), prompt building (``engine/prompt.py``), or anything
+that touches the engine or HTTP (serving.py, app.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 
 from pydantic import BaseModel, ConfigDict
 
 from codegen2.engine.engine import CompletionOutput, TokenLogprob
+from codegen2.engine.errors import InvalidRequest
 from codegen2.engine.sampling import SamplingParams
 from codegen2.tokenizer import Tokenizer
 
@@ -52,20 +55,23 @@ class CompletionRequest(_OpenAI):
     t_max_predict_ms: int | None = None
 
     def sampling_params(self, max_seq_len: int) -> SamplingParams:
-        """Raises ValueError (from SamplingParams) with a message naming the bad field."""
+        """Raises InvalidRequest naming the bad field."""
         if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ValueError(f"best_of must equal n (ranking completions is not supported), got {self.best_of}")
+            raise InvalidRequest(f"best_of must equal n (ranking completions is not supported), got {self.best_of}",
+                                 "best_of")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise InvalidRequest("logit_bias is not supported", "logit_bias")
         if self.echo and self.logprobs is not None:
-            raise ValueError("logprobs with echo is not supported: prompt tokens have no log-probabilities here")
+            raise InvalidRequest("logprobs with echo is not supported: prompt tokens have no log-probabilities here",
+                                 "logprobs")
         given = dict(temperature=self.temperature, top_p=self.top_p, n=self.n, stop=self.stop, seed=self.seed,
                      logprobs=self.logprobs, presence_penalty=self.presence_penalty, top_k=self.top_k,
                      frequency_penalty=self.frequency_penalty, min_p=self.min_p,
                      repetition_penalty=self.repetition_penalty)
         given = {k: v for k, v in given.items() if v is not None}
-        return harden(SamplingParams(**{"temperature": 1.0, **given},  # OpenAI's default temperature is 1
-                                     max_tokens=max_seq_len if self.max_tokens is None else self.max_tokens))
+        return _build(lambda: SamplingParams(**{"temperature": 1.0, **given},  # OpenAI's default temperature is 1
+                                             max_tokens=max_seq_len if self.max_tokens is None else self.max_tokens),
+                      {})
 
 
 class _Llama(BaseModel):
@@ -93,20 +99,29 @@ class LlamaCompletionRequest(_Llama):
     stream: bool = False
     t_max_predict_ms: int = 0  # 0: no time budget
 
-    def sampling_params(self, max_seq_len: int, stop_token_ids: list[int] = ()) -> SamplingParams:
-        return harden(SamplingParams(max_tokens=max_seq_len if self.n_predict < 0 else self.n_predict,
-                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              repetition_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
-                              frequency_penalty=self.frequency_penalty, stop=self.stop,
-                              stop_token_ids=list(stop_token_ids), seed=None if self.seed < 0 else self.seed))
+    def sampling_params(self, max_seq_len: int) -> SamplingParams:
+        """Raises InvalidRequest naming the bad field by llama.cpp's name for it."""
+        return _build(lambda: SamplingParams(
+            max_tokens=max_seq_len if self.n_predict < 0 else self.n_predict, temperature=self.temperature,
+            top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=self.stop,
+            seed=None if self.seed < 0 else self.seed), LLAMA_NAMES)
 
 
-def harden(params: SamplingParams) -> SamplingParams:
-    """Limits for values SamplingParams accepts but a shared server must not run (ValueError names the field)."""
+def _build(make: Callable[[], SamplingParams], names: dict[str, str]) -> SamplingParams:
+    """SamplingParams from a request, with an error's param renamed to the request's own field name, plus limits
+    for values SamplingParams accepts but a shared server must not run."""
+    try:
+        params = make()
+    except InvalidRequest as e:
+        raise InvalidRequest(e.message, names.get(e.param, e.param), e.status, e.code) from None
     if len(params.stop) > 32 or any(len(s) > 1000 for s in params.stop):  # matching costs grow with both
-        raise ValueError("stop takes at most 32 strings of at most 1,000 characters each")
+        raise InvalidRequest("stop takes at most 32 strings of at most 1,000 characters each", "stop")
     # Tiny temperatures and top_p values are made safe by the sampler itself (engine/sampling.py).
     return params
+
+
+LLAMA_NAMES = {"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty"}  # SamplingParams -> llama.cpp
 
 
 class InfillRequest(LlamaCompletionRequest):
@@ -144,9 +159,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def llama_final(out: CompletionOutput, model: str, n_prompt: int, stop_word: str, truncated: bool,
+def llama_final(out: CompletionOutput, model: str, n_prompt: int, truncated: bool,
                 times: tuple[float, float, float]) -> dict:
-    """llama.cpp's last response object. times: (start, first token, end) in seconds."""
+    """llama.cpp's last response object for a whole completion. times: (start, first token, end) in seconds."""
     start, first, end = times
     prompt_ms, predicted_ms, n = (first - start) * 1e3, (end - first) * 1e3, len(out.token_ids)
     timings = {"prompt_n": n_prompt, "prompt_ms": prompt_ms,
@@ -154,6 +169,7 @@ def llama_final(out: CompletionOutput, model: str, n_prompt: int, stop_word: str
                "prompt_per_second": n_prompt / max(prompt_ms / 1e3, 1e-9), "predicted_n": n,
                "predicted_ms": predicted_ms, "predicted_per_token_ms": predicted_ms / max(n, 1),
                "predicted_per_second": n / max(predicted_ms / 1e3, 1e-9)}
+    stop_word = out.stop_reason if isinstance(out.stop_reason, str) else ""
     stop_type = "limit" if out.finish_reason == "length" else "word" if stop_word else "eos"
     return {"index": 0, "content": out.text, "tokens": out.token_ids, "id_slot": -1, "stop": True, "model": model,
             "tokens_predicted": n, "tokens_evaluated": n_prompt, "has_new_line": "\n" in out.text,

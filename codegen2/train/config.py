@@ -20,7 +20,7 @@ class ModelSection:
     init_from: str | None = None  # a checkpoint directory or hub id to fine-tune; else a new model:
     preset: str | None = None  # an official shape, e.g. "codegen2-1B" (fields in `shape` override it)
     family: str = "codegen2"  # "codegen2" or "llama" (CodeGen2.5) for a custom shape
-    shape: dict = field(default_factory=dict)  # config fields, e.g. {n_layer = 4, n_embd = 256, n_head = 4}
+    shape: dict = field(default_factory=dict)  # config fields, e.g. {n_layers = 4, dim = 256, n_heads = 4}
 
 
 @dataclass
@@ -85,6 +85,25 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainConfig:
+        """From the sections of a TOML / YAML file: every value checked against its field's type."""
+        sections = {}
+        for f in dataclasses.fields(TrainConfig):
+            section, values = type(f.default_factory()), dict(raw.get(f.name) or {})
+            known = {x.name: x for x in dataclasses.fields(section)}
+            for key, value in values.items():
+                if key not in known:
+                    raise ValueError(f"unknown setting {f.name}.{key}; [{f.name}] has: {', '.join(known)}")
+                want = known[key].type
+                want = want if isinstance(want, str) else getattr(want, "__name__", str(want))
+                values[key] = _coerce(f"{f.name}.{key}", want, value)
+            sections[f.name] = section(**values)
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {', '.join(sections)}")
+        return cls(**sections)
+
 
 def _parse_value(text: str):
     """A command-line value: a TOML literal (1e-3, true, "x", [1, 2]) or else the bare string."""
@@ -105,24 +124,6 @@ def _coerce(where: str, want: str, value):
     if kind not in names:
         raise ValueError(f"{where} must be {want}, got {value!r}")
     return value
-
-
-def config_from_dict(raw: dict) -> TrainConfig:
-    sections = {}
-    for f in dataclasses.fields(TrainConfig):
-        cls, values = type(f.default_factory()), dict(raw.get(f.name) or {})
-        known = {x.name: x for x in dataclasses.fields(cls)}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"unknown setting {f.name}.{key}; [{f.name}] has: {', '.join(known)}")
-            want = known[key].type
-            want = want if isinstance(want, str) else getattr(want, "__name__", str(want))
-            values[key] = _coerce(f"{f.name}.{key}", want, value)
-        sections[f.name] = cls(**values)
-    unknown = set(raw) - set(sections)
-    if unknown:
-        raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {', '.join(sections)}")
-    return TrainConfig(**sections)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -146,6 +147,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        # section.key: typed by its field later; deeper keys (model.shape.n_layer) are TOML literals.
+        # section.key: typed by its field later; deeper keys (model.shape.n_layers) are TOML literals.
         node[parts[-1]] = value if len(parts) == 2 else _parse_value(value)
-    return config_from_dict(raw)
+    return TrainConfig.from_dict(raw)

@@ -1,7 +1,5 @@
-"""``codegen2 train``: train or fine-tune a CodeGen2-family model with the CodeGen2 objective.
-
-    codegen2 train --config run.toml optim.lr=1e-3 run.out_dir=runs/x        # one process
-    torchrun --nproc-per-node 8 -m codegen2.train --config run.toml          # FSDP2 over 8 GPUs (or CPUs)
+"""The training loop: model, optimizer, schedule, the step, and the run that ties evaluation (evaluate.py) and
+checkpoints (checkpoint.py) to it. The command line is cli.py (``codegen2 train``, ``torchrun -m codegen2.train``).
 
 A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl``, ``checkpoints/step_*.pt``
 (atomic, last K kept), ``loss.png`` and ``model/``, a Hugging Face export every codegen2 command and transformers
@@ -14,12 +12,8 @@ loss is normalised by the global count of target tokens, so N processes follow t
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
-import os
-import random
 import time
 from pathlib import Path
 
@@ -27,9 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from codegen2.infill import infill_prompt, split_middles
 from codegen2.models.loss import IGNORE
-from codegen2.train.config import ModelSection, OptimSection, TrainConfig, load_config
+from codegen2.train import checkpoint
+from codegen2.train.config import ModelSection, OptimSection, TrainConfig
+from codegen2.train.evaluate import evaluate
 from codegen2.train.metrics import (
     append_jsonl,
     peak_flops,
@@ -44,9 +39,8 @@ from codegen2.train.parallelize import init_distributed, parallelize
 
 def build_model(cfg: ModelSection) -> tuple[nn.Module, str | None]:
     """The model to train (fp32 master weights, train mode) and the directory its tokenizer files come from."""
-    from codegen2.models import config_from_dict as model_config
-    from codegen2.models import preset_config
-    from codegen2.models.checkpoint import build, load_model, resolve
+    from codegen2.models import build, config_from_dict, preset_config
+    from codegen2.models.checkpoint import load_model, resolve
 
     if cfg.init_from:
         source = resolve(cfg.init_from)
@@ -55,8 +49,8 @@ def build_model(cfg: ModelSection) -> tuple[nn.Module, str | None]:
             p.data = p.data.clone()
         return model.train().requires_grad_(True), str(source)
     try:
-        mcfg = preset_config(cfg.preset, **cfg.shape) if cfg.preset else model_config({"family": cfg.family,
-                                                                                       **cfg.shape})
+        mcfg = preset_config(cfg.preset, **cfg.shape) if cfg.preset else config_from_dict({"family": cfg.family,
+                                                                                           **cfg.shape})
     except TypeError as e:
         raise ValueError(f"model.shape: {e}") from None
     model = build(mcfg)
@@ -87,7 +81,7 @@ def lr_at(step: int, o: OptimSection) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        from codegen2.train.data import TokenCorpus
+        from codegen2.train.corpus import TokenCorpus
 
         self.cfg, run = cfg, cfg.run
         self.rank, self.world, device = init_distributed()
@@ -130,15 +124,16 @@ class Trainer:
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2), fused=True)
         self.step = 0
-        self._val_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.val_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # fixed at the first evaluation
 
     def _tokenizer(self, model: nn.Module):
+        from codegen2.models import family
         from codegen2.tokenizer import load_tokenizer
 
         if self.tokenizer_dir is not None:  # fine-tuning: the checkpoint's own tokenizer
             tok = load_tokenizer(self.tokenizer_dir)
         else:
-            tok = load_tokenizer(None, kind="codegen2" if model.config.family == "codegen2" else "codegen25")
+            tok = load_tokenizer(None, kind=family(model.config).tokenizer)
         if tok.vocab_size > model.config.vocab_size:
             raise ValueError(f"the {tok.kind} tokenizer has {tok.vocab_size} ids but the model only "
                              f"{model.config.vocab_size}")
@@ -153,7 +148,7 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
 
-    def _loss_sums(self, rows: torch.Tensor, valid: torch.Tensor, backward_scale: float | None):
+    def loss_sums(self, rows: torch.Tensor, valid: torch.Tensor, backward_scale: float | None):
         """Summed cross-entropy and target count over ``rows`` (n, seq_len + 1), in micro-batches; with
         backward_scale, backpropagates ``sum * backward_scale`` micro-batch by micro-batch."""
         mb = self.cfg.optim.micro_batch_size
@@ -173,7 +168,7 @@ class Trainer:
             count += ok.sum()
         return loss_sum, count
 
-    def _all_reduce(self, *xs: torch.Tensor) -> list[float]:
+    def all_reduce(self, *xs: torch.Tensor) -> list[float]:
         t = torch.stack([x.float() for x in xs])
         if self.world > 1:
             dist.all_reduce(t)
@@ -184,176 +179,20 @@ class Trainer:
         rows, valid = self.stream.next_rows(o.batch_size)  # the global batch, identical on every process
         per = o.batch_size // self.world
         rows, valid = rows[self.rank * per:(self.rank + 1) * per], valid[self.rank * per:(self.rank + 1) * per]
-        total = int(self._all_reduce(valid[:, 1:].sum())[0])
+        total = int(self.all_reduce(valid[:, 1:].sum())[0])
         lr = lr_at(self.step, o)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # FSDP averages gradients over processes, hence * world: the result is d(global sum)/d(w) / total.
-        loss_sum, _ = self._loss_sums(rows, valid, backward_scale=self.world / max(total, 1))
+        loss_sum, _ = self.loss_sums(rows, valid, backward_scale=self.world / max(total, 1))
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        (loss_total,) = self._all_reduce(loss_sum)
+        (loss_total,) = self.all_reduce(loss_sum)
         return {"step": self.step, "loss": loss_total / max(total, 1), "lr": lr, "grad_norm": float(norm),
                 "tokens": total}
-
-    # --- evaluation ---
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        # Eager, even when the blocks are compiled for training: evaluation is a small share of the time, and
-        # greedy decoding's growing shapes and explicit masks would mean recompiles (and, under bf16 autocast,
-        # an inductor constant-folding failure seen on an H100 with torch 2.11).
-        eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6 (older: evaluated compiled)
-        with eager("force_eager") if eager and self.cfg.run.compile else contextlib.nullcontext():
-            return self._evaluate()
-
-    def _evaluate(self) -> dict:
-        if self._val_rows is None:  # the first eval_rows rows of the validation stream, fixed for the run
-            stream = RowStream(self.val_corpus, self.tokenizer, self.cfg.objective, self.cfg.data.seq_len,
-                               self.cfg.run.seed)
-            self._val_rows = stream.next_rows(self.cfg.run.eval_rows)
-        rows, valid = self._val_rows
-        mine = slice(self.rank, None, self.world)
-        loss_sum, count = self._loss_sums(rows[mine], valid[mine], backward_scale=None)
-        loss_sum, count = self._all_reduce(loss_sum, count)
-        exact, n = self.infill_exact_match()
-        return {"step": self.step, "val_loss": loss_sum / max(count, 1), "infill_exact": exact, "infill_n": n}
-
-    def infill_examples(self) -> list[tuple[str, str, str]]:
-        """Single-line holes (prefix, line, suffix) in held-out files: one non-blank line per file, the window
-        around it cut to whole lines so the prompt plus 64 new tokens fits the context."""
-        examples = []
-        budget = self.cfg.data.seq_len - 64
-        for i in range(min(len(self.val_corpus), self.cfg.run.infill_examples)):
-            lines = self.val_corpus.text(i).splitlines(keepends=True)
-            candidates = [j for j, line in enumerate(lines) if line.strip() and line.endswith("\n")]
-            if not candidates:
-                continue
-            j = random.Random(f"infill:{i}").choice(candidates)
-            before, after = lines[max(0, j - 40):j], lines[j + 1:j + 41]
-            while before or after:
-                prefix, suffix = "".join(before), "\n" + "".join(after)
-                if len(infill_prompt(self.tokenizer, prefix, suffix)) <= budget:
-                    break
-                before, after = before[1:], after[:-1]
-            examples.append((prefix, lines[j][:-1], suffix))
-        return examples
-
-    @torch.no_grad()
-    def infill_exact_match(self, max_new: int = 48) -> tuple[float, int]:
-        examples = self.infill_examples()
-        if not examples:
-            return 0.0, 0
-        prompts = [infill_prompt(self.tokenizer, p, s) for p, _, s in examples]
-        generated = greedy(self.model, prompts, max_new, {self.tokenizer.eom_id, self.tokenizer.eos_id},
-                           self.device)
-        hits = 0
-        for (_, line, _), ids in zip(examples, generated):
-            middles, closed = split_middles(self.tokenizer, ids)
-            hits += closed and self.tokenizer.decode(middles[0]) == line
-        return hits / len(examples), len(examples)
-
-    # --- checkpoints ---
-
-    def save_checkpoint(self) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=opts)
-        if self.rank == 0:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            state = {"step": self.step, "model": model_state, "optimizer": optim_state,
-                     "stream": self.stream.state_dict(), "config": self.cfg.to_dict(),
-                     "torch_rng": torch.get_rng_state()}
-            final = self.ckpt_dir / f"step_{self.step:08d}.pt"
-            tmp = final.with_suffix(".tmp")
-            with open(tmp, "wb") as f:  # a kill mid-write leaves only a .tmp file, never a torn checkpoint
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.run.keep_checkpoints]:
-                old.unlink()
-        if self.world > 1:
-            dist.barrier()
-
-    def resume(self) -> bool:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_state_dict,
-        )
-
-        found = sorted(self.ckpt_dir.glob("step_*.pt"))
-        if not found:
-            return False
-        state = torch.load(found[-1], map_location="cpu", weights_only=True)
-        mine, theirs = self.cfg.to_dict(), state["config"]
-        for section in ("model", "data", "objective"):
-            if mine[section] != theirs[section]:
-                raise ValueError(f"{found[-1]} was written with a different [{section}] config "
-                                 f"({theirs[section]}); use a new run.out_dir or the same config")
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=opts)
-        self.stream.load_state_dict(state["stream"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = state["step"]
-        self.log(f"resumed from {found[-1]} at step {self.step}")
-        return True
-
-    def export(self) -> Path:
-        """Write the Hugging Face directory ``out_dir/model`` from the full (gathered) weights."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        from codegen2.models.checkpoint import build, save_model
-
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        target = self.out / "model"
-        if self.rank == 0:
-            with torch.device("meta"):
-                plain = build(self.model_config)
-            plain.load_state_dict(state, assign=True)
-            plain.reset_rotary()
-            save_model(plain, target, dtype=self.cfg.run.export_dtype, tokenizer_dir=self.tokenizer_dir,
-                       max_shard_size=self.cfg.run.export_shard_size)
-        if self.world > 1:
-            dist.barrier()
-        return target
-
-
-@torch.no_grad()
-def greedy(model: nn.Module, prompts: list[list[int]], max_new: int, stop: set[int],
-           device: torch.device) -> list[list[int]]:
-    """Greedy continuations of left-padded prompts, recomputing the whole sequence each step (no cache: it
-    works unchanged on a sharded model; evaluation prompts are short). Every process runs the same steps.
-
-    In fp32 whatever the training autocast: the explicit-mask attention path keeps its scores in fp32 by design
-    (under bf16 autocast they became bf16, and masking with the fp32 minimum overflowed on CUDA)."""
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new):
-        seqs = [p + o for p, o in zip(prompts, out)]
-        T = max(map(len, seqs))
-        tokens = torch.tensor([[0] * (T - len(s)) + s for s in seqs], device=device)  # (B, T), left-padded
-        pos = torch.tensor([[-1] * (T - len(s)) + list(range(len(s))) for s in seqs], device=device)
-        with torch.autocast(device.type, enabled=False):
-            logits = model(tokens, input_pos=pos, last_only=True)  # (B, 1, V)
-        for b, t in enumerate(logits[:, -1].argmax(-1).tolist()):
-            if not done[b]:
-                out[b].append(t)
-                done[b] = t in stop
-        if all(done):
-            break
-    return out
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
@@ -366,7 +205,7 @@ def train(cfg: TrainConfig) -> Path:
     if t.rank == 0:
         t.out.mkdir(parents=True, exist_ok=True)
         (t.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    resumed = t.resume()
+    resumed = checkpoint.resume(t)
     if t.rank == 0:
         truncate_metrics(metrics, t.step) if resumed else metrics.unlink(missing_ok=True)
     writer = None
@@ -383,8 +222,8 @@ def train(cfg: TrainConfig) -> Path:
     peak = peak_flops(run, t.device)
     t.log(f"training {t.n_params / 1e6:.1f}M parameters on {t.world} x {t.device.type} ({t.dtype}), "
           f"{o.batch_size} x {cfg.data.seq_len} tokens per step, steps {t.step} -> {o.max_steps}")
-    def evaluate() -> None:
-        ev = t.evaluate()
+    def run_evaluation() -> None:
+        ev = evaluate(t)
         t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | infill exact match "
               f"{ev['infill_exact']:.1%} of {ev['infill_n']}")
         if t.rank == 0:
@@ -394,7 +233,7 @@ def train(cfg: TrainConfig) -> Path:
                 writer.add_scalar("val/infill_exact", ev["infill_exact"], t.step)
 
     if run.eval_every and t.step == 0:
-        evaluate()  # the baseline the run is measured against
+        run_evaluation()  # the baseline the run is measured against
     busy, tokens_since = 0.0, 0  # training time and tokens since the last log line (evaluation excluded)
     while t.step < o.max_steps:
         tick = time.perf_counter()
@@ -412,16 +251,16 @@ def train(cfg: TrainConfig) -> Path:
             t.log(f"step {t.step:>6}/{o.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                   f"grad norm {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s{mfu}")
         if run.eval_every and (t.step % run.eval_every == 0 or t.step == o.max_steps):
-            evaluate()
+            run_evaluation()
         if t.rank == 0:
             append_jsonl(metrics, record)
             if writer:
                 for key in ("loss", "lr", "grad_norm"):
                     writer.add_scalar(f"train/{key}", record[key], t.step)
         if t.step % run.checkpoint_every == 0 or t.step == o.max_steps:
-            t.save_checkpoint()
+            checkpoint.save(t)
     t.stream.close()
-    target = t.export()
+    target = checkpoint.export(t)
     if t.rank == 0 and metrics.is_file():
         if plot_losses(metrics, t.out / "loss.png"):
             t.log(f"loss curve: {t.out / 'loss.png'}")
@@ -431,32 +270,3 @@ def train(cfg: TrainConfig) -> Path:
     if t.world > 1:
         dist.destroy_process_group()
     return target
-
-
-# --- command line ------------------------------------------------------------------------------------------------
-
-
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML or YAML file with sections model, data, objective, optim, run")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=1e-3 run.out_dir=x")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train or fine-tune with causal LM + span corruption",
-                       description="Train or fine-tune a CodeGen2-family model; rerun to resume.")
-    _arguments(p)
-
-
-def run(args: argparse.Namespace) -> None:
-    train(load_config(args.config, args.overrides))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m codegen2.train`` / ``torchrun ... -m codegen2.train``: the same as ``codegen2 train``."""
-    p = argparse.ArgumentParser(prog="codegen2.train")
-    _arguments(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None

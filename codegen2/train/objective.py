@@ -1,18 +1,23 @@
-"""The CodeGen2 training objective: causal LM mixed with file-level span corruption, packed into rows (spec §6).
+"""The CodeGen2 training objective: causal LM mixed with file-level span corruption, packed into rows.
 
 What this is:
-- ``corrupt``: one file -> pieces and middles, cut at character positions with the spec's documented defaults
-  (ratio r ~ U(0.05, 0.5) of the characters, k = min(1 + Poisson(1), 16) spans, random lengths and positions).
-- ``split_document``: a long file -> chunks cut at line boundaries (a giant line at characters), each small
-  enough that its longest training sequence fits one row; split before corruption, as the spec says.
+- ``corrupt``: one file -> pieces and middles, cut at character positions. The paper draws a dynamic corruption
+  ratio first, then span lengths and positions to match it, but gives no distributions; our documented defaults
+  follow it and InCoder: ratio r ~ U(0.05, 0.5) of the characters, k = min(1 + Poisson(1), 16) spans, random
+  lengths and positions.
+- ``chunk_ids`` / ``split_document``: a long file -> chunks of its stored token ids cut at line ends (a giant line
+  at a character boundary), each small enough that its longest training sequence fits one row. Files are split
+  before corruption ("file-level": spans are chosen within one file, and one corrupted chunk fits one row).
 - ``document_sequences``: per chunk, causal (``tokens <|endoftext|>``) with probability ``causal_prob``, else
   ``infill.training_sequence(...) <|endoftext|>``. The infill format itself lives only in ``infill.py``.
 - ``RowStream``: visits documents in a seeded per-epoch permutation and packs whole sequences into rows of
   ``seq_len + 1`` tokens, with an exactly resumable ``state_dict``.
 
-What this is not: no file reading, filtering or deduplication (``data.py``), no loss or masking policy beyond
-the ``valid`` flags (loss on every valid token is the loop's business).
-Everything here is a pure function of (text, seed, epoch, document index): no global random state is used. That
+What this is not: no file reading, filtering or deduplication (``data.py``, ``corpus.py``), no loss or masking
+policy beyond the ``valid`` flags (loss on every valid token is the loop's business).
+Documents are read as the token ids the corpus stores; only the pieces of a corrupted chunk are tokenized (on
+their own, as inference tokenizes a prefix and a suffix apart).
+Everything here is a pure function of (ids, seed, epoch, document index): no global random state is used. That
 is what lets ``RowStream(workers=N)`` make documents' sequences in N processes ahead of time and still give
 exactly the rows of the in-process stream: only the cheap packing is sequential.
 """
@@ -20,11 +25,12 @@ exactly the rows of the in-process stream: only the cheap packing is sequential.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import multiprocessing
 import random
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -109,30 +115,6 @@ def corrupt(text: str, rng: random.Random, cfg: ObjectiveConfig) -> tuple[list[s
     return pieces, middles
 
 
-def _fit(text: str, tokenizer: Tokenizer, budget: int, out: list[tuple[str, list[int]]]) -> None:
-    """Append (chunk, ids) pairs covering ``text``, each <= budget tokens. An oversized text is cut every
-    ~90% of a budget's worth of characters (at this text's token density), at the last line break if one lies in
-    the second half of the step; a piece that still does not fit is shrunk. One character is <= 4 <= budget
-    tokens. Only the pieces are re-encoded, so a multi-megabyte minified line costs about two encodes."""
-    ids = tokenizer.encode(text)
-    if len(ids) <= budget:
-        out.append((text, ids))
-        return
-    step = max(1, len(text) * budget * 9 // (10 * len(ids)))
-    start = 0
-    while start < len(text):
-        end = min(len(text), start + step)
-        line_end = text.rfind("\n", start, end) + 1
-        if end < len(text) and line_end > start + step // 2:
-            end = line_end
-        piece = tokenizer.encode(text[start:end])
-        while len(piece) > budget:
-            end = start + max(1, (end - start) * budget * 9 // (10 * len(piece)))
-            piece = tokenizer.encode(text[start:end])
-        out.append((text[start:end], piece))
-        start = end
-
-
 def _budget(max_tokens: int, cfg: ObjectiveConfig) -> int:
     budget = max_tokens - cfg.reserve()
     if budget < 4:  # one character can take 4 byte tokens
@@ -141,69 +123,108 @@ def _budget(max_tokens: int, cfg: ObjectiveConfig) -> int:
     return budget
 
 
-def _chunks(text: str, tokenizer: Tokenizer, max_tokens: int, cfg: ObjectiveConfig) -> list[tuple[str, list[int]]]:
-    budget = _budget(max_tokens, cfg)
-    lines = re.findall(r"[^\n]*\n|[^\n]+", text)  # lines keep their "\n", so they concatenate back to text
-    segments: list[tuple[str, list[int]]] = []
-    for line, ids in zip(lines, tokenizer.encode_batch(lines)):
-        if len(ids) <= budget:
-            segments.append((line, ids))
+@functools.cache
+def _token_flags(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id: whether its bytes end a line, and whether it starts a character (its first byte is not a
+    UTF-8 continuation byte). A cut before a token of the second kind never splits a character."""
+    table = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+    ends_line = np.array([b.endswith(b"\n") for b in table])
+    starts_char = np.array([not b or (b[0] & 0xC0) != 0x80 for b in table])
+    return ends_line, starts_char
+
+
+def chunk_ids(ids: np.ndarray | list[int], tokenizer: Tokenizer, budget: int) -> list[tuple[int, int]]:
+    """(start, end) slices covering a document's ids, each at most ``budget`` tokens: a slice ends after the last
+    line-ending token that fits, or, in a line longer than the budget, at the last character boundary that fits.
+
+    Chunking reads the ids the corpus stores; nothing is re-tokenized (a budget >= 4 always holds a character)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    if n == 0:
+        return []
+    ends_line, starts_char = _token_flags(tokenizer)
+    line_cut = np.flatnonzero(ends_line[ids]) + 1  # positions just after a line end, ascending
+    char_cut = np.flatnonzero(starts_char[ids])  # positions before a character's first token, ascending
+    out, start = [], 0
+    while n - start > budget:
+        limit = start + budget
+        k = np.searchsorted(line_cut, limit, side="right") - 1  # the last line end at or before the limit
+        if k >= 0 and line_cut[k] > start:
+            end = int(line_cut[k])
         else:
-            _fit(line, tokenizer, budget, segments)
-    # Greedy: add whole segments while their summed counts fit; _fit then checks the chunk's real count (BPE
-    # across a line boundary can differ from the sum) and cuts the rare chunk that does not fit.
-    out: list[tuple[str, list[int]]] = []
-    group: list[str] = []
-    used = 0
-    for seg, ids in segments:
-        if group and used + len(ids) > budget:
-            _fit("".join(group), tokenizer, budget, out)
-            group, used = [], 0
-        group.append(seg)
-        used += len(ids)
-    if group:
-        _fit("".join(group), tokenizer, budget, out)
+            end = int(char_cut[np.searchsorted(char_cut, limit, side="right") - 1])
+            assert end > start, "a character takes at most 4 byte tokens"
+        out.append((start, end))
+        start = end
+    out.append((start, n))
     return out
 
 
-def split_document(text: str, tokenizer: Tokenizer, max_tokens: int,
+def _as_ids(doc: str | np.ndarray | Sequence[int], tokenizer: Tokenizer) -> np.ndarray:
+    return np.asarray(tokenizer.encode(doc) if isinstance(doc, str) else doc, dtype=np.int64)
+
+
+def split_document(doc: str | np.ndarray | Sequence[int], tokenizer: Tokenizer, max_tokens: int,
                    cfg: ObjectiveConfig | None = None) -> list[str]:
-    """Chunks whose concatenation is ``text`` (none for ""), cut at line boundaries where possible, each
-    tokenizing on its own to at most ``max_tokens - cfg.reserve()`` tokens, so that its causal or corrupted
-    sequence fits ``max_tokens`` (``document_sequences`` checks the corrupted length anyway)."""
-    return [chunk for chunk, _ in _chunks(text, tokenizer, max_tokens, cfg or ObjectiveConfig())]
+    """The texts of ``chunk_ids``' chunks (none for ""), whose concatenation is the document, each at most
+    ``max_tokens - cfg.reserve()`` of its tokens, so that its causal or corrupted sequence fits ``max_tokens``
+    (``document_sequences`` checks the corrupted length anyway)."""
+    ids = _as_ids(doc, tokenizer)
+    budget = _budget(max_tokens, cfg or ObjectiveConfig())
+    return [tokenizer.decode(ids[a:b].tolist()) for a, b in chunk_ids(ids, tokenizer, budget)]
 
 
-def document_sequences(text: str, tokenizer: Tokenizer, rng: random.Random, cfg: ObjectiveConfig,
-                       max_tokens: int) -> list[list[int]]:
-    """Training sequences of one document, each ending in <|endoftext|> and at most ``max_tokens`` long.
+def document_sequences(doc: str | np.ndarray | Sequence[int], tokenizer: Tokenizer, rng: random.Random,
+                       cfg: ObjectiveConfig, max_tokens: int) -> list[list[int]]:
+    """Training sequences of one document (its token ids, or text to encode), each ending in <|endoftext|> and
+    at most ``max_tokens`` long.
 
-    Per chunk: causal ``ids + [eos]`` with probability ``causal_prob``, else span corruption. A chunk too short
-    to corrupt, or whose corrupted sequence came out too long (re-tokenized pieces can add tokens), is causal."""
+    Per chunk: causal (the chunk's own ids + [eos]) with probability ``causal_prob``, else span corruption of
+    the chunk's text, whose pieces and spans are tokenized on their own, as prefix and suffix are at inference.
+    That is the one tokenization left per epoch, and only of corrupted chunks. A chunk too short to corrupt, or
+    whose corrupted sequence came out too long (re-tokenized pieces can add tokens), is causal."""
     _check_tokenizer(tokenizer, cfg)
+    ids = _as_ids(doc, tokenizer)
     seqs = []
-    for chunk, ids in _chunks(text, tokenizer, max_tokens, cfg):
+    for a, b in chunk_ids(ids, tokenizer, _budget(max_tokens, cfg)):
+        chunk = ids[a:b].tolist()
         if rng.random() >= cfg.causal_prob:
-            pieces, middles = corrupt(chunk, rng, cfg)
+            pieces, middles = corrupt(tokenizer.decode(chunk), rng, cfg)
             if middles:
                 seq = training_sequence(tokenizer, pieces, middles) + [tokenizer.eos_id]
                 if len(seq) <= max_tokens:
                     seqs.append(seq)
                     continue
-        seqs.append(ids + [tokenizer.eos_id])
+        seqs.append(chunk + [tokenizer.eos_id])
     return seqs
 
 
 class Corpus(Protocol):
+    """What the stream reads: a number of documents and each one's token ids (e.g. ``corpus.TokenCorpus``)."""
     def __len__(self) -> int: ...
-    def text(self, i: int) -> str: ...
+    def tokens(self, i: int) -> np.ndarray: ...
 
 
-def _sequences(corpus, tokenizer: Tokenizer, cfg: ObjectiveConfig, max_tokens: int, seed: int, epoch: int,
+class TextList:
+    """A list of texts as a Corpus: each text is encoded once, when first read."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: Tokenizer) -> None:
+        self.texts, self.tokenizer, self._ids = list(texts), tokenizer, {}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def tokens(self, i: int) -> np.ndarray:
+        if i not in self._ids:
+            self._ids[i] = _as_ids(self.texts[i], self.tokenizer)
+        return self._ids[i]
+
+
+def _sequences(corpus: Corpus, tokenizer: Tokenizer, cfg: ObjectiveConfig, max_tokens: int, seed: int, epoch: int,
                doc: int) -> list[list[int]]:
     """Document ``doc``'s sequences in ``epoch``: the one place its randomness is seeded."""
-    text = corpus.text(doc) if hasattr(corpus, "text") else corpus[doc]
-    return document_sequences(text, tokenizer, random.Random(f"{seed}:{epoch}:{doc}"), cfg, max_tokens)
+    return document_sequences(corpus.tokens(doc), tokenizer, random.Random(f"{seed}:{epoch}:{doc}"), cfg,
+                              max_tokens)
 
 
 _WORKER: tuple | None = None  # (corpus, tokenizer, cfg, max_tokens, seed) in a RowStream worker process
@@ -233,6 +254,8 @@ class RowStream:
 
     def __init__(self, corpus: Corpus | list[str], tokenizer: Tokenizer, cfg: ObjectiveConfig, seq_len: int,
                  seed: int, workers: int = 0) -> None:
+        if isinstance(corpus, (list, tuple)):
+            corpus = TextList(corpus, tokenizer)
         if len(corpus) == 0:
             raise ValueError("the corpus is empty")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -1,0 +1,43 @@
+"""Inference kernels, applied to a loaded model from outside it: the one place that decides a model's weight
+format and which of its layers run on native kernels.
+
+    model = load_model(path, dtype="bf16")
+    prepare_for_inference(model, quant="int8")      # or quant=None: weights as loaded
+
+``quant`` is the weight format, the one name for this choice in the Python API, the CLI (``--quant``) and the
+server: ``None`` (or ``"none"``) keeps the weights as loaded, ``"int8"`` quantizes them to weight-only int8.
+With weights as loaded, a bf16 model on a CPU whose native kernels build gets them (same math, faster); anything
+else stays plain PyTorch. ``CODEGEN2_KERNELS=torch`` turns the native kernels off.
+
+The model files never import this package; ``Engine`` never changes the model it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from codegen2.kernels.linear import DecodeLinear, quantize_int8, swap_linears
+from codegen2.kernels.native import ENV_VAR, kernels_available, pack_int8, unpack_int8
+
+QUANTS = ("none", "int8")
+
+
+def prepare_for_inference(model: nn.Module, quant: str | None = None) -> nn.Module:
+    """Apply the weight format ``quant`` (None / "none", or "int8") and the native kernels to ``model`` in place;
+    return it. A model already prepared is refused, so weights are never quantized twice."""
+    quant = quant or "none"
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if any(isinstance(m, DecodeLinear) for m in model.modules()):
+        raise ValueError("this model was already prepared for inference")
+    weight = model.tok_embeddings.weight
+    if quant == "int8":
+        return swap_linears(model, "int8")
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels_available():
+        return swap_linears(model, "bf16")
+    return model
+
+
+__all__ = ["QUANTS", "prepare_for_inference", "DecodeLinear", "quantize_int8", "swap_linears", "kernels_available",
+           "pack_int8", "unpack_int8", "ENV_VAR"]

@@ -1,0 +1,162 @@
+"""Linear layers for CPU inference: the native weight-streaming kernels, with a pure-PyTorch fallback.
+
+Batch-1 decode reads every weight once per token, so a linear layer can be no faster than memory can stream its
+weight. torch's bf16 ``F.linear`` with a few rows falls well short of that on our CPUs (and is slower still for
+M > 1), so ``DecodeLinear`` routes those calls to the native kernels (``native.py``). Two weight formats:
+
+- ``"bf16"``: the model's own bf16 weight, used in place (no copy); fp32 accumulation.
+- ``"int8"``: weight-only int8, symmetric, one scale per output row (``scale = max|w_row| / 127``): half the bytes.
+  The kernel quantises each activation row to int16 on the fly (finer than bf16 itself) and runs an exact
+  integer dot product; the result is scaled back in fp32.
+
+Which path a product takes, by its number of rows M (``DecodeLinear.path``):
+- int8: always the native kernel when it is available, whatever M and the CPU, so an int8 model gives the same
+  numbers on every x86 CPU (the fallback dequantizes the weight to bf16, which rounds differently).
+- bf16: the native kernel, except where oneDNN has a native bf16 GEMM (AVX512-BF16, AMX) and M > 16: there the
+  product goes to torch, which is faster for prefill-sized M; both accumulate in fp32 and round once. On AVX2-only
+  CPUs torch's bf16 ``F.linear`` runs at ~5 GMAC/s, 5x slower than the kernel even at M = 1024.
+
+What this is not: a training layer (no autograd), a GPU path (non-CPU tensors take the torch path), or a
+general GEMM library.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codegen2.kernels.native import PACK_ROWS, has_fast_bf16_gemm, kernels_available, pack_int8, unpack_int8
+
+MAX_DECODE_M = 16  # bf16: rows up to which the native kernel is used where oneDNN has a native bf16 GEMM
+_DEQUANT_CHUNK_BYTES = 16 << 20  # the int8 fallback dequantizes this many bf16 bytes of weight at a time
+
+
+@torch.no_grad()
+def quantize_int8(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> (N, K) int8 in [-127, 127] and (N,) fp32 scale, symmetric per output row.
+
+    W ~= q * scale[:, None] with |W - q * scale| <= scale / 2. Rows are done in chunks to bound the fp32 temporary.
+    """
+    N = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(N, dtype=torch.float32, device=weight.device)
+    for i in range(0, N, chunk_rows):
+        w = weight[i : i + chunk_rows].float()
+        s = w.abs().amax(dim=1) / 127.0
+        safe = torch.where(s > 0, s, torch.ones_like(s))  # all-zero rows: q = 0, scale = 0
+        q[i : i + chunk_rows] = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[i : i + chunk_rows] = s
+    return q, scale
+
+
+class DecodeLinear(nn.Module):
+    """Replacement for an nn.Linear in inference; native kernel where it wins, a PyTorch fallback otherwise.
+
+    weight: (N, K) bf16 (used as is: mode "bf16") or int8 with ``scale`` (N,) fp32 (mode "int8"; stored packed,
+    see pack_int8); bias: (N,) or None. Parameters are frozen: this is an inference layer. Whether the native
+    kernel is used is decided when the layer is built, so set CODEGEN2_KERNELS before converting a model.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if (weight.dtype == torch.int8) != (scale is not None):
+            raise ValueError("an int8 weight needs a per-row scale, and only an int8 weight takes one")
+        self.out_features, self.in_features = weight.shape
+        self.mode = "int8" if scale is not None else "bf16"
+        if scale is not None:
+            weight = pack_int8(weight)
+            scale = scale.float().contiguous()
+        elif not weight.is_contiguous():  # the kernel streams rows; a transposed view would need a copy per call
+            weight = weight.contiguous()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.weight.requires_grad_(False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.register_buffer("scale", scale)
+        # The path is fixed here, as plain attributes, so forward stays free of lookups (and torch.compile-able).
+        self.native = weight.dtype in (torch.bfloat16, torch.int8) and kernels_available()
+        self.native_max_m = MAX_DECODE_M if self.mode == "bf16" and has_fast_bf16_gemm() else None  # None: any M
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "bf16") -> DecodeLinear:
+        """Take over ``linear``'s weight: used in place for "bf16" (cast if it is not bf16), quantized for "int8"."""
+        bias = None if linear.bias is None else linear.bias.detach()
+        if mode == "bf16":
+            w = linear.weight
+            if w.dtype != torch.bfloat16:
+                w = w.detach().to(torch.bfloat16)
+                bias = None if bias is None else bias.to(torch.bfloat16)
+            return cls(w, bias)
+        if mode == "int8":
+            q, scale = quantize_int8(linear.weight.detach())
+            return cls(q, bias, scale)
+        raise ValueError(f"mode must be 'bf16' or 'int8', got {mode!r}")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, " \
+               f"bias={self.bias is not None}, native={self.native}"
+
+    def path(self, M: int, x: torch.Tensor | None = None) -> str:
+        """"native" or "torch": the path a product of M rows (of x, if given) takes."""
+        ok = x is None or (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32))
+        native = self.native and ok and M > 0 and (self.native_max_m is None or M <= self.native_max_m)
+        return "native" if native else "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) bf16 or fp32 -> (..., N) in x's dtype; F.linear(x, W, b) semantics."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.path(x2.shape[0], x2) == "native":
+            x2 = x2.contiguous()
+            if self.scale is None:
+                y = torch.ops.codegen2_kernels.linear_bf16(x2, self.weight, self.bias)
+            else:
+                y = torch.ops.codegen2_kernels.linear_int8(x2, self.weight, self.scale, self.bias)
+        else:
+            y = self._torch_forward(x2)
+        return y.reshape(*lead, self.out_features)
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure-PyTorch path: F.linear in the weight's dtype; int8 is dequantized a few MiB of rows at a time."""
+        if self.scale is None:
+            w = self.weight
+            b = None if self.bias is None else self.bias.to(w.dtype)
+            return F.linear(x.to(w.dtype), w, b).to(x.dtype)
+        dtype = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.bfloat16
+        xc = x.to(dtype)
+        N, K = self.out_features, self.in_features
+        blocks = max(1, _DEQUANT_CHUNK_BYTES // (2 * PACK_ROWS * K))
+        outs = []
+        for b0 in range(0, self.weight.shape[0], blocks):
+            n0, n1 = b0 * PACK_ROWS, min(N, (b0 + blocks) * PACK_ROWS)
+            q = unpack_int8(self.weight[b0 : b0 + blocks], n1 - n0, K)
+            w = (q.float() * self.scale[n0:n1, None]).to(dtype)
+            b = None if self.bias is None else self.bias[n0:n1].to(dtype)
+            outs.append(F.linear(xc, w, b))
+        return torch.cat(outs, dim=-1).to(x.dtype)
+
+
+def swap_linears(model: nn.Module, mode: str) -> nn.Module:
+    """Swap every nn.Linear in ``model`` (in place) for a DecodeLinear of ``mode`` and return the model.
+
+    "bf16" reuses each bf16 weight tensor (no copy, so tied weights stay tied); "int8" quantizes, and the Linear's
+    weight is freed once nothing else holds it. A weight shared with an embedding (tied output) stays as it is for
+    the embedding and the output gets its own int8 copy; two distinct Linears sharing one weight would each get a
+    copy in int8 (no model here does that).
+    """
+    if mode not in ("bf16", "int8"):
+        raise ValueError(f"mode must be 'bf16' or 'int8', got {mode!r}")
+    done: dict[int, DecodeLinear] = {}  # id(Linear) -> its replacement, for a Linear used in several places
+    # Only the parents are listed up front: a list holding every Linear would keep all the bf16 weights alive
+    # until the end, doubling peak memory in int8 mode.
+    parents = [m for m in model.modules() if type(m) is not nn.Linear]
+    for parent in parents:
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:  # subclasses (e.g. attention's out_proj) may be read directly
+                continue
+            # Keying by id is safe: all the Linears are alive when the loop starts, so no two share an id.
+            if id(child) not in done:
+                done[id(child)] = DecodeLinear.from_linear(child, mode)
+            setattr(parent, name, done[id(child)])
+    return model
