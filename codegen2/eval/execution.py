@@ -2,7 +2,9 @@
 
 ``Sandbox`` keeps one *zygote* per worker: a small ``python -I`` process, started once, that never runs untrusted
 code. For each sample the zygote forks a child which enters its namespaces, sets its limits, drops to an
-unprivileged uid and ``exec``s the program in a new ``__main__``. Every sample is thus a fresh process (a copy of
+unprivileged uid and ``exec``s the program in an empty namespace, as the official harnesses (human-eval,
+EvalPlus, bigcode-evaluation-harness) do: ``__name__`` is then not ``"__main__"``, so an
+``if __name__ == "__main__":`` block does not run. Every sample is thus a fresh process (a copy of
 a pristine interpreter) and nothing it does reaches the next one; forking instead of starting an interpreter is
 what makes this fast (benchmarks/eval_exec.py).
 
@@ -17,10 +19,9 @@ Guarantees in ``namespaces`` mode (needs root or CAP_SYS_ADMIN; CI and the tests
   /var/tmp, /dev/shm and /run/lock, gone with the sample; elsewhere it can change only what the world may change.
   Directories of the interpreter under a private directory (e.g. /root/.pyenv) are made reachable, the rest of it
   stays hidden; an interpreter that lives under /tmp (a venv there) is bound back into the sample's /tmp;
-- a scrubbed environment, stdin from /dev/null (or a file the harness names), stdout to /dev/null, stderr read to its end (the last 4 KB kept
-  for the error text): however much a sample prints, it never blocks, so output never changes a verdict;
-- the program runs as the official harnesses run it, ``exec`` in a fresh empty namespace: ``__name__`` is not
-  ``"__main__"`` there, so an ``if __name__ == "__main__":`` block does not run;
+- a scrubbed environment; stdin from /dev/null (or a file the harness names); stdout to /dev/null and stderr read
+  to its end (its last 4 KB kept for the error text): however much a sample prints it never blocks, so output
+  never changes a verdict;
 - a pass needs the program to run to its end and the harness to say so: ``sys.exit(0)`` or ``os._exit(0)``
   before the asserts is a failure.
 
@@ -362,13 +363,14 @@ def _watch(pid: int, timeout: float, res_r: int, err_r: int, isolated: bool) -> 
         for fd in select.select(open_fds + [pidfd], [], [], left)[0]:
             if fd == pidfd:
                 exited = True
-            elif fd == err_r:  # read to the end, keep the tail: a pipe left full would block the sample (a timeout)
-                stderr = _drain(fd, stderr, open_fds)
+                continue
+            chunk = os.read(fd, 65536)
+            if fd == err_r:  # read to its end, keeping a tail: a pipe left full would block the sample (a timeout)
+                stderr = (stderr + chunk)[-STDERR_TAIL:]
             else:
-                chunk = os.read(fd, 65536)
                 report += chunk
-                if not chunk or len(report) > 65536:  # EOF, or more than the one short report line we expect
-                    open_fds.remove(fd)
+            if not chunk or len(report) > 65536:  # EOF, or more than the one short report line we expect
+                open_fds.remove(fd)
     os.close(pidfd)
     # As PID 1 of its namespace the sample takes every process it started with it; otherwise kill its group.
     _kill(pid, isolated)
@@ -382,27 +384,19 @@ def _watch(pid: int, timeout: float, res_r: int, err_r: int, isolated: bool) -> 
     if timed_out or code == -signal.SIGXCPU:
         return "timeout", f"timed out after {timeout:g} s" + (" (CPU limit)" if not timed_out else "")
     if err_r in open_fds:  # what it wrote to stderr before the end, still in the pipe
-        os.set_blocking(err_r, False)  # bounded: a process that escaped the kill may still be writing
-        stderr = _drain(err_r, stderr, open_fds, reads=64)
+        os.set_blocking(err_r, False)
+        for _ in range(64):  # bounded: a process that escaped the kill may still be writing
+            try:
+                if not (chunk := os.read(err_r, 65536)):
+                    break
+            except BlockingIOError:
+                break
+            stderr = (stderr + chunk)[-STDERR_TAIL:]
     text = stderr.decode(errors="replace").strip()[-500:]
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals.__members__.values() else str(-code)
         return "crashed", f"killed by {name}" + (f": {text}" if text else "")
     return "failed", f"exited with status {code} before the tests finished" + (f": {text}" if text else "")
-
-
-def _drain(fd: int, tail: bytes, open_fds: list[int], reads: int = 1) -> bytes:
-    """Up to ``reads`` reads of ``fd`` (stopping when it is empty or closed), keeping the last STDERR_TAIL bytes."""
-    for _ in range(reads):
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            open_fds.remove(fd)
-            break
-        tail = (tail + chunk)[-STDERR_TAIL:]
-    return tail
 
 
 def _kill(pid: int, isolated: bool) -> None:
