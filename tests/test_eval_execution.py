@@ -162,15 +162,20 @@ def test_printing_gigabytes(sandbox):
 
 
 def test_output_volume_never_changes_a_verdict(sandbox):
-    # Once, a sample that wrote more than a pipe holds to stderr blocked until its timeout. Now both streams are
-    # taken to their end: 5 MB to each passes, and a failure after as much output still reports its own error.
-    noisy = "import sys\nsys.stdout.write('o' * 5_000_000)\nsys.stderr.write('e' * 5_000_000)\n"
+    # Once, a sample that wrote more than a pipe holds to stderr blocked until its timeout. Now 5 MB to each
+    # stream, through sys.stdout/sys.stderr and straight to the file descriptors, passes; a failure after as much
+    # output still reports its own error; a gigabyte printed (1,000 x 1 MB) passes a 2 s limit (in milliseconds).
+    noisy = ("import os, sys\nsys.stdout.write('o' * 5_000_000)\nsys.stderr.write('e' * 5_000_000)\n"
+             "os.write(1, b'O' * 5_000_000)\nos.write(2, b'E' * 5_000_000)\n")
     assert sandbox.run(noisy).status == "passed"
     assert sandbox.run("import logging\nfor i in range(20_000):\n    logging.warning('line %d', i)\n").passed
+    assert sandbox.run("x = 'x' * (1 << 20)\nfor _ in range(1000):\n    print(x)\n", timeout=2.0).passed
     r = sandbox.run(noisy + "assert 1 == 2, 'after the noise'\n")
     assert r.status == "failed" and "after the noise" in r.error
-    r = sandbox.run(noisy + "sys.stderr.write('THE END')\nsys.stderr.flush()\nimport os\nos._exit(3)\n")
+    r = sandbox.run(noisy + "os.write(2, b'THE END')\nos._exit(3)\n")
     assert r.status == "failed" and "status 3" in r.error and r.error.endswith("THE END") and len(r.error) < 1000
+    r = sandbox.run("import sys\nsys.stdout.buffer.write(b'x')\n")  # no buffer, as under the official harnesses
+    assert r.status == "failed" and "AttributeError" in r.error
 
 
 def test_namespace_is_the_official_harnesses(sandbox):

@@ -66,6 +66,13 @@ def test_data_option_file_and_directory(tmp_path):
         load("humaneval", tmp_path / "nowhere")
 
 
+def test_wrong_data_file_names_the_missing_field(tmp_path):
+    wrong = tmp_path / "HumanEvalPlus.jsonl.gz"  # HumanEval's file under HumanEval+'s name: no base_input
+    wrong.write_bytes((datasets.BUNDLED / datasets.SOURCES["humaneval"].path).read_bytes())
+    with pytest.raises(DatasetError, match="no field 'base_input'"):
+        load("humaneval-plus", wrong)
+
+
 def test_offline_error_names_url_and_data_option(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "BUNDLED", tmp_path / "none")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -135,20 +135,23 @@ def _download(source: Source, dest: Path) -> Path:
 def load(task: str, data: str | Path | None = None) -> list[Problem]:
     path = locate(task, data)
     if task == "mbpp-sanitized":
-        return _mbpp(json.loads(path.read_text(encoding="utf-8")), "prompt")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if task == "mbpp":
-        return _mbpp(rows, "text")
-    keys = ("task_id", "prompt", "test", "entry_point", "canonical_solution")
-    problems = [Problem(*(r[k] for k in keys)) for r in rows]
-    for p, r in zip(problems, rows):
-        if task.startswith("humaneval-infill"):
-            p.suffix = r["suffix"]
-        elif task == "humaneval-plus":
-            p.inputs, p.atol = {"base": r["base_input"], "plus": r["plus_input"]}, float(r["atol"])
-    return problems
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        if task.startswith("mbpp"):
+            return _mbpp(rows, "prompt" if task == "mbpp-sanitized" else "text")
+        problems = [Problem(r["task_id"], r["prompt"], r.get("test", "") if task == "humaneval-plus" else r["test"],
+                            r["entry_point"], r["canonical_solution"]) for r in rows]  # HumanEval+ needs no test
+        for p, r in zip(problems, rows):
+            if task.startswith("humaneval-infill"):
+                p.suffix = r["suffix"]
+            elif task == "humaneval-plus":
+                p.inputs, p.atol = {"base": r["base_input"], "plus": r["plus_input"]}, float(r["atol"])
+        return problems
+    except KeyError as e:
+        raise DatasetError(f"{path}: a record has no field {e} (is it the {task} file?)") from None
 
 
 def _mbpp(rows: list[dict], description: str) -> list[Problem]:

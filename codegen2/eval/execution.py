@@ -2,11 +2,11 @@
 
 ``Sandbox`` keeps one *zygote* per worker: a small ``python -I`` process, started once, that never runs untrusted
 code. For each sample the zygote forks a child which enters its namespaces, sets its limits, drops to an
-unprivileged uid and ``exec``s the program in an empty namespace, as the official harnesses (human-eval,
-EvalPlus, bigcode-evaluation-harness) do: ``__name__`` is then not ``"__main__"``, so an
-``if __name__ == "__main__":`` block does not run. Every sample is thus a fresh process (a copy of
-a pristine interpreter) and nothing it does reaches the next one; forking instead of starting an interpreter is
-what makes this fast (benchmarks/eval_exec.py).
+unprivileged uid and ``exec``s the program. Every sample is thus a fresh process (a copy of a pristine
+interpreter) and nothing it does reaches the next one; forking instead of starting an interpreter is what makes
+this fast (benchmarks/eval_exec.py). The program runs as the official harnesses (human-eval, EvalPlus,
+bigcode-evaluation-harness) run it: ``exec`` in an empty namespace, so ``__name__`` is not ``"__main__"`` and an
+``if __name__ == "__main__":`` block does not run.
 
 Guarantees in ``namespaces`` mode (needs root or CAP_SYS_ADMIN; CI and the tests run so):
 - wall-clock limit, enforced from outside by the zygote; CPU-time limit (RLIMIT_CPU); memory (RLIMIT_AS); file
@@ -19,9 +19,10 @@ Guarantees in ``namespaces`` mode (needs root or CAP_SYS_ADMIN; CI and the tests
   /var/tmp, /dev/shm and /run/lock, gone with the sample; elsewhere it can change only what the world may change.
   Directories of the interpreter under a private directory (e.g. /root/.pyenv) are made reachable, the rest of it
   stays hidden; an interpreter that lives under /tmp (a venv there) is bound back into the sample's /tmp;
-- a scrubbed environment; stdin from /dev/null (or a file the harness names); stdout to /dev/null and stderr read
-  to its end (its last 4 KB kept for the error text): however much a sample prints it never blocks, so output
-  never changes a verdict;
+- a scrubbed environment; stdin from /dev/null (or a file the harness names); what it prints through
+  ``sys.stdout`` and ``sys.stderr`` is dropped on the spot (the official harnesses swallow it into a string);
+  its file descriptor 1 is /dev/null and 2 a pipe read to its end (the last 4 KB kept for the error text): however
+  much a sample prints it never blocks or slows down, so output never changes a verdict;
 - a pass needs the program to run to its end and the harness to say so: ``sys.exit(0)`` or ``os._exit(0)``
   before the asserts is a failure.
 
@@ -39,6 +40,7 @@ says which mode is active.
 from __future__ import annotations
 
 import ctypes  # all imported at the top: the zygote imports them once, so that samples do not pay for them
+import io
 import json
 import os
 import queue
@@ -156,19 +158,19 @@ class _Zygote:
         return line
 
     def run(self, program: str, timeout: float, stdin: str | None) -> Result:
-        if stdin:  # sent before the request that uses it; a missing file raises here, in the caller
-            fd = os.open(stdin, os.O_RDONLY)
-            try:
-                socket.send_fds(self.fds, [b"f"], [fd])
-            finally:
-                os.close(fd)
+        fd = os.open(stdin, os.O_RDONLY) if stdin else -1  # a missing file raises here, in the caller
         try:
-            request = {"program": program, "timeout": timeout, "stdin": bool(stdin)}
+            if fd >= 0:  # sent before the request that uses it
+                socket.send_fds(self.fds, [b"f"], [fd])
+            request = {"program": program, "timeout": timeout, "stdin": fd >= 0}
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
             line = self._read_line(timeout + 30.0)  # the zygote enforces `timeout`; this guards the zygote
         except OSError:
             line = None
+        finally:
+            if fd >= 0:
+                os.close(fd)
         if line is None:  # a dead or stuck zygote: kill it (its sample dies with it, PDEATHSIG) and restart
             self.close()
             self._start()
@@ -440,7 +442,7 @@ def _sample(request: dict, limits: Limits, slot: int, isolated: bool, workdir: s
             os.setgid(uid)
             os.setuid(uid)
         _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        sys.argv, sys.stdin = ["<sample>"], open(0, closefd=False)
+        sys.argv, sys.stdin, sys.stdout, sys.stderr = ["<sample>"], open(0, closefd=False), _Drop(), _Drop()
     except BaseException as e:
         try:
             write(3, json.dumps({"status": "crashed", "error": f"sandbox setup failed: {e!r}"}).encode() + b"\n")
@@ -457,6 +459,20 @@ def _sample(request: dict, limits: Limits, slot: int, isolated: bool, workdir: s
         exit_(1)
     write(3, b'{"status": "passed"}\n')
     exit_(0)
+
+
+class _Drop(io.TextIOBase):
+    """A sample's sys.stdout and sys.stderr: text in, nothing kept; like the official harnesses' StringIO, it has no
+    ``buffer`` or ``fileno``. Writing a gigabyte through it costs nothing, where encoding it for a file takes
+    seconds (HumanEval/63's recursion printing 200 KB per call timed out so)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        return len(text)
 
 
 def _describe(e: BaseException, program: str) -> str:
