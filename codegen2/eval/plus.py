@@ -3,7 +3,7 @@
 EvalPlus stores inputs, not outputs: the expected output of an input is what ``prompt + canonical_solution``
 returns for it (called on a deep copy), and the reference's time there sets the candidate's limit: max(1 s, 4 x).
 Both are measured once on this machine in a plain subprocess (trusted code from a checksummed file; EvalPlus runs
-it in its own process) and cached per problem and part under ``~/.cache/codegen2/data/humanevalplus/`` (~350 MB:
+it in its own process) and cached per problem and part under ``~/.cache/codegen2/data/humanevalplus/`` (~250 MB:
 HumanEval/15 returns strings of a million numbers), a file that becomes the checking sample's stdin. A sample is
 checked on the base inputs (HumanEval's tests), then on the plus inputs, each in a fresh sandboxed process of at
 most min(60 s, sum of its limits) + 2 s and 4 GB: ``prompt + completion`` runs in an empty namespace, then the
