@@ -161,6 +161,39 @@ def test_printing_gigabytes(sandbox):
         assert r.status in ("timeout", "failed", "crashed") and time.monotonic() - t < 15
 
 
+def test_output_volume_never_changes_a_verdict(sandbox):
+    # Once, a sample that wrote more than a pipe holds to stderr blocked until its timeout. Now 5 MB to each
+    # stream, through sys.stdout/sys.stderr and straight to the file descriptors, passes; a failure after as much
+    # output still reports its own error; a gigabyte printed (1,000 x 1 MB) passes a 2 s limit (in milliseconds).
+    noisy = ("import os, sys\nsys.stdout.write('o' * 5_000_000)\nsys.stderr.write('e' * 5_000_000)\n"
+             "os.write(1, b'O' * 5_000_000)\nos.write(2, b'E' * 5_000_000)\n")
+    assert sandbox.run(noisy).status == "passed"
+    assert sandbox.run("import logging\nfor i in range(20_000):\n    logging.warning('line %d', i)\n").passed
+    assert sandbox.run("x = 'x' * (1 << 20)\nfor _ in range(1000):\n    print(x)\n", timeout=2.0).passed
+    r = sandbox.run(noisy + "assert 1 == 2, 'after the noise'\n")
+    assert r.status == "failed" and "after the noise" in r.error
+    r = sandbox.run(noisy + "os.write(2, b'THE END')\nos._exit(3)\n")
+    assert r.status == "failed" and "status 3" in r.error and r.error.endswith("THE END") and len(r.error) < 1000
+    r = sandbox.run("import sys\nsys.stdout.buffer.write(b'x')\n")  # no buffer, as under the official harnesses
+    assert r.status == "failed" and "AttributeError" in r.error
+
+
+def test_namespace_is_the_official_harnesses(sandbox):
+    # human-eval, EvalPlus and bigcode-evaluation-harness exec the program in an empty dict: __name__ is then the
+    # builtins module's, so a `__main__` block does not run.
+    assert sandbox.run("if __name__ == '__main__':\n    raise SystemExit(1)\nassert __name__ == 'builtins'\n").passed
+
+
+def test_stdin_file(sandbox, tmp_path):
+    data = tmp_path / "input.txt"  # under /tmp, which the zygote's own mount tree hides: the descriptor travels
+    data.write_text("line one\nline two\n")
+    assert sandbox.run("import sys\nassert sys.stdin.read() == 'line one\\nline two\\n'\n", stdin=str(data)).passed
+    assert sandbox.run("input()\n").status == "failed"  # the next sample reads /dev/null again
+    with pytest.raises(FileNotFoundError):
+        sandbox.run("pass", stdin=str(tmp_path / "missing"))
+    assert sandbox.run("pass").passed
+
+
 def test_deep_recursion(sandbox):
     r = sandbox.run("def f(n):\n    return f(n + 1)\nf(0)\n")
     assert r.status == "failed" and "RecursionError" in r.error

@@ -2,7 +2,7 @@
 
     codegen2 eval humaneval --model Salesforce/codegen2-1B_P --n-samples 20 --temperature 0.2 --top-p 0.95
     codegen2 eval humaneval-infill-single-line --model DIR --out runs/single-line
-    codegen2 eval mbpp --samples completions.jsonl          # JSON lines with task_id and completion
+    codegen2 eval mbpp --samples completions.jsonl --k 1,5  # JSON lines with task_id and completion, as given
 
 Also runnable on its own: ``python -m codegen2.eval.cli TASK ...``.
 """
@@ -32,7 +32,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--workers", type=int, help="programs executed at once (default: CPU count)")
-    p.add_argument("--timeout", type=float, help="seconds per program (default 3; humaneval-plus 20; a few slow problems x4)")
+    p.add_argument("--postprocess", action="store_true", help="cut --samples completions as our generations are "
+                   "cut (stop strings; single-line infill: first line) before scoring; default: score them as given")
+    p.add_argument("--k", type=_ks, default=[1, 10, 100], help="pass@k for these k, e.g. 1,5,10,100 (default "
+                   "1,10,100); a k is reported when every problem has at least k samples")
+    p.add_argument("--timeout", type=float, help=f"seconds per program (default {tasks.TIMEOUT:g}); humaneval-plus "
+                   "uses EvalPlus's per-input limits instead")
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--data", help="data file, or a directory holding it (default: bundled copy, else download)")
     p.add_argument("--out", help="output directory (default eval-results/TASK); a re-run resumes it")
@@ -43,14 +48,19 @@ def run(args: argparse.Namespace) -> None:
     from codegen2.eval.datasets import DatasetError, load
 
     try:
+        if args.timeout is not None and (args.task == "humaneval-plus" or args.timeout <= 0):
+            raise ValueError("--timeout must be positive, and humaneval-plus takes none (EvalPlus's per-input limits: "
+                             "max(1 s, 4 x the reference solution's time))")
+        if args.postprocess and not args.samples:
+            raise ValueError("--postprocess applies to --samples; our own generations are always post-processed")
         problems = load(args.task, args.data)[: args.limit]
         out = Path(args.out or Path("eval-results") / args.task)
         if args.samples:
             path = Path(args.samples)
-            ev.check_config(out, {"task": args.task, "samples": str(path.resolve()),
-                                  "samples_sha256": ev.file_sha256(path), "limit": args.limit})
-            samples = ev.read_samples(args.task, path, problems)
-            settings = {"samples_file": str(path)}
+            ev.check_config(out, {"task": args.task, "samples": str(path.resolve()), "limit": args.limit,
+                                  "samples_sha256": ev.file_sha256(path), "postprocess": args.postprocess})
+            samples = ev.read_samples(args.task, path, problems, args.postprocess)
+            settings = {"samples_file": str(path), "postprocess": args.postprocess}
         else:
             settings = {"model": args.model, "n_samples": args.n_samples, "temperature": args.temperature,
                         "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed, "dtype": args.dtype}
@@ -58,13 +68,23 @@ def run(args: argparse.Namespace) -> None:
             samples = ev.generate(args.task, problems, _engine(args), out, args.n_samples, args.max_tokens,
                                   args.temperature, args.top_p, args.seed)
         results, mode = ev.execute(args.task, problems, samples, out, args.workers, args.timeout)
-        summary = ev.summarize(args.task, problems, results, out,
-                               {**settings, "timeout": args.timeout or tasks.TIMEOUTS.get(args.task, 3.0),
-                                "sandbox": mode})
+        timeout = "EvalPlus per-input" if args.task == "humaneval-plus" else args.timeout or tasks.TIMEOUT
+        summary = ev.summarize(args.task, problems, results, out, {**settings, "timeout": timeout, "sandbox": mode},
+                               args.k)
     except (DatasetError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
     print((out / "summary.md").read_text(), end="")
-    print(json.dumps({k: v for k, v in summary.items() if k.startswith("pass@")}), f"-> {out}")
+    print(json.dumps({k: v for k, v in summary.items() if "pass@" in k}), f"-> {out}")
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
+    return sorted(set(ks))
 
 
 def _engine(args: argparse.Namespace):

@@ -2,9 +2,11 @@
 
 ``Sandbox`` keeps one *zygote* per worker: a small ``python -I`` process, started once, that never runs untrusted
 code. For each sample the zygote forks a child which enters its namespaces, sets its limits, drops to an
-unprivileged uid and ``exec``s the program in a new ``__main__``. Every sample is thus a fresh process (a copy of
-a pristine interpreter) and nothing it does reaches the next one; forking instead of starting an interpreter is
-what makes this fast (benchmarks/eval_exec.py).
+unprivileged uid and ``exec``s the program. Every sample is thus a fresh process (a copy of a pristine
+interpreter) and nothing it does reaches the next one; forking instead of starting an interpreter is what makes
+this fast (benchmarks/eval_exec.py). The program runs as the official harnesses (human-eval, EvalPlus,
+bigcode-evaluation-harness) run it: ``exec`` in an empty namespace, so ``__name__`` is not ``"__main__"`` and an
+``if __name__ == "__main__":`` block does not run.
 
 Guarantees in ``namespaces`` mode (needs root or CAP_SYS_ADMIN; CI and the tests run so):
 - wall-clock limit, enforced from outside by the zygote; CPU-time limit (RLIMIT_CPU); memory (RLIMIT_AS); file
@@ -17,7 +19,10 @@ Guarantees in ``namespaces`` mode (needs root or CAP_SYS_ADMIN; CI and the tests
   /var/tmp, /dev/shm and /run/lock, gone with the sample; elsewhere it can change only what the world may change.
   Directories of the interpreter under a private directory (e.g. /root/.pyenv) are made reachable, the rest of it
   stays hidden; an interpreter that lives under /tmp (a venv there) is bound back into the sample's /tmp;
-- a scrubbed environment, stdin from /dev/null, stdout discarded;
+- a scrubbed environment; stdin from /dev/null (or a file the harness names); what it prints through
+  ``sys.stdout`` and ``sys.stderr`` is dropped on the spot (the official harnesses swallow it into a string);
+  its file descriptor 1 is /dev/null and 2 a pipe read to its end (the last 4 KB kept for the error text): however
+  much a sample prints it never blocks or slows down, so output never changes a verdict;
 - a pass needs the program to run to its end and the harness to say so: ``sys.exit(0)`` or ``os._exit(0)``
   before the asserts is a failure.
 
@@ -35,6 +40,7 @@ says which mode is active.
 from __future__ import annotations
 
 import ctypes  # all imported at the top: the zygote imports them once, so that samples do not pay for them
+import io
 import json
 import os
 import queue
@@ -42,6 +48,7 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +64,7 @@ CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 2, 4, 0x1000, 0x4000, 0x40000, 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 STATUSES = ("passed", "failed", "timeout", "crashed")
+STDERR_TAIL = 4096  # bytes of a sample's stderr kept for the error text; the rest is read and dropped
 
 
 @dataclass
@@ -94,10 +102,12 @@ class Sandbox:
             self._free.put(zygote)
         self.mode = self._all[0].mode
 
-    def run(self, program: str, timeout: float | None = None) -> Result:
+    def run(self, program: str, timeout: float | None = None, stdin: str | None = None) -> Result:
+        """``stdin``: a file the sample reads as its standard input (opened before it drops its privileges);
+        default /dev/null."""
         zygote = self._free.get()  # blocks while all workers are busy
         try:
-            return zygote.run(program, timeout or self.limits.timeout)
+            return zygote.run(program, timeout or self.limits.timeout, stdin)
         finally:
             self._free.put(zygote)
 
@@ -113,16 +123,21 @@ class Sandbox:
 
 
 class _Zygote:
-    """Harness side of one zygote: JSON lines over its stdin/stdout, restarted if it ever stops answering."""
+    """Harness side of one zygote: JSON lines over its stdin/stdout, restarted if it ever stops answering. A
+    sample's stdin file is opened here and its descriptor passed over a socket: the zygote's own view of the file
+    system hides /tmp and private directories, and the file need not be visible to the sample at all."""
 
     def __init__(self, slot: int, limits: Limits, preload: list[str]) -> None:
-        self.config = json.dumps({"slot": slot, "limits": asdict(limits), "preload": preload})
+        self.config = {"slot": slot, "limits": asdict(limits), "preload": preload}
         self._start()
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), self.config],
+        self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        config = json.dumps(self.config | {"fds": theirs.fileno()})
+        self.proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), config],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=ENV, cwd="/",
-                                     start_new_session=True)
+                                     start_new_session=True, pass_fds=[theirs.fileno()])
+        theirs.close()
         self._buf = b""
         hello = self._read_line(60.0)
         if hello is None:
@@ -142,13 +157,20 @@ class _Zygote:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
-    def run(self, program: str, timeout: float) -> Result:
+    def run(self, program: str, timeout: float, stdin: str | None) -> Result:
+        fd = os.open(stdin, os.O_RDONLY) if stdin else -1  # a missing file raises here, in the caller
         try:
-            self.proc.stdin.write(json.dumps({"program": program, "timeout": timeout}).encode() + b"\n")
+            if fd >= 0:  # sent before the request that uses it
+                socket.send_fds(self.fds, [b"f"], [fd])
+            request = {"program": program, "timeout": timeout, "stdin": fd >= 0}
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
             line = self._read_line(timeout + 30.0)  # the zygote enforces `timeout`; this guards the zygote
         except OSError:
             line = None
+        finally:
+            if fd >= 0:
+                os.close(fd)
         if line is None:  # a dead or stuck zygote: kill it (its sample dies with it, PDEATHSIG) and restart
             self.close()
             self._start()
@@ -161,6 +183,7 @@ class _Zygote:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        self.fds.close()
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
@@ -180,7 +203,7 @@ def _libc_call(name: str, *args) -> None:
 
 
 def _zygote_main(config: dict) -> None:
-    limits, slot = Limits(**config["limits"]), config["slot"]
+    limits, slot, fds = Limits(**config["limits"]), config["slot"], socket.socket(fileno=config["fds"])
     isolated, own_pid_ns = os.geteuid() == 0, -1
     if isolated:
         try:  # once per zygote: no network for any sample it forks, and a mount tree they may see
@@ -207,7 +230,13 @@ def _zygote_main(config: dict) -> None:
     out.flush()
     for line in _requests():  # EOF (the harness went away) ends the zygote
         try:
-            reply = _run(json.loads(line), limits, slot, own_pid_ns)
+            request = json.loads(line)
+            stdin = socket.recv_fds(fds, 1, 1)[1][0] if request.get("stdin") else -1
+            try:
+                reply = _run(request | {"stdin": stdin}, limits, slot, own_pid_ns)
+            finally:
+                if stdin >= 0:
+                    os.close(stdin)
         except Exception as e:
             reply = {"status": "crashed", "error": f"the sandbox failed: {e!r}"}
         out.write(json.dumps(reply).encode() + b"\n")
@@ -310,7 +339,7 @@ def _run(request: dict, limits: Limits, slot: int, own_pid_ns: int) -> dict:
     err_r, err_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _sample(request["program"], request["timeout"], limits, slot, isolated, workdir, res_w, err_w)
+        _sample(request, limits, slot, isolated, workdir, res_w, err_w)
     os.close(res_w)
     os.close(err_w)
     try:
@@ -326,46 +355,50 @@ def _run(request: dict, limits: Limits, slot: int, own_pid_ns: int) -> dict:
 def _watch(pid: int, timeout: float, res_r: int, err_r: int, isolated: bool) -> tuple[str, str]:
     deadline = time.monotonic() + timeout
     pidfd = os.pidfd_open(pid)
-    outs = {res_r: b"", err_r: b""}
+    report, stderr = b"", b""
     open_fds, timed_out, exited = [res_r, err_r], False, False
-    while not exited and not outs[res_r].endswith(b"\n"):  # until it exits or reports
+    while not exited and not report.endswith(b"\n"):  # until it exits or reports
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
             break
-        ready = select.select(open_fds + [pidfd], [], [], left)[0]
-        for fd in ready:
+        for fd in select.select(open_fds + [pidfd], [], [], left)[0]:
             if fd == pidfd:
                 exited = True
                 continue
             chunk = os.read(fd, 65536)
-            outs[fd] += chunk
-            if not chunk or len(outs[fd]) > 65536:  # EOF, or enough: a sample printing gigabytes just blocks
+            if fd == err_r:  # read to its end, keeping a tail: a pipe left full would block the sample (a timeout)
+                stderr = (stderr + chunk)[-STDERR_TAIL:]
+            else:
+                report += chunk
+            if not chunk or len(report) > 65536:  # EOF, or more than the one short report line we expect
                 open_fds.remove(fd)
     os.close(pidfd)
     # As PID 1 of its namespace the sample takes every process it started with it; otherwise kill its group.
     _kill(pid, isolated)
-    report = outs[res_r].decode(errors="replace")
-    if report.endswith("\n") and not timed_out:  # it reported: no need to wait for its exit status
+    if report.endswith(b"\n") and not timed_out:  # it reported: no need to wait for its exit status
         _detached.add(pid)
         _reap()
-        result = json.loads(report.splitlines()[0])
+        result = json.loads(report.decode(errors="replace").splitlines()[0])
         return result["status"], result.get("error", "")
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     _kill(pid, isolated)
     if timed_out or code == -signal.SIGXCPU:
         return "timeout", f"timed out after {timeout:g} s" + (" (CPU limit)" if not timed_out else "")
-    for fd in open_fds:  # what it wrote to stderr before the end
-        os.set_blocking(fd, False)
-        try:
-            outs[fd] += os.read(fd, 65536)
-        except OSError:
-            pass
-    stderr = outs[err_r].decode(errors="replace").strip()[-500:]
+    if err_r in open_fds:  # what it wrote to stderr before the end, still in the pipe
+        os.set_blocking(err_r, False)
+        for _ in range(64):  # bounded: a process that escaped the kill may still be writing
+            try:
+                if not (chunk := os.read(err_r, 65536)):
+                    break
+            except BlockingIOError:
+                break
+            stderr = (stderr + chunk)[-STDERR_TAIL:]
+    text = stderr.decode(errors="replace").strip()[-500:]
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals.__members__.values() else str(-code)
-        return "crashed", f"killed by {name}" + (f": {stderr}" if stderr else "")
-    return "failed", f"exited with status {code} before the tests finished" + (f": {stderr}" if stderr else "")
+        return "crashed", f"killed by {name}" + (f": {text}" if text else "")
+    return "failed", f"exited with status {code} before the tests finished" + (f": {text}" if text else "")
 
 
 def _kill(pid: int, isolated: bool) -> None:
@@ -375,15 +408,17 @@ def _kill(pid: int, isolated: bool) -> None:
         pass
 
 
-def _sample(program: str, timeout: float, limits: Limits, slot: int, isolated: bool, workdir: str, res_w: int,
-            err_w: int) -> None:
+def _sample(request: dict, limits: Limits, slot: int, isolated: bool, workdir: str, res_w: int, err_w: int) -> None:
     """The sample process: namespaces, limits, privileges, then the program. Never returns."""
     write, exit_, describe = os.write, os._exit, _describe  # held before the program runs
+    program, timeout = request["program"], request["timeout"]
     try:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote dies -> so does the sample
         os.setsid()  # its own group: kill(0, ...) and killpg(...) reach only the sample's processes
         null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0), os.dup2(null, 1), os.dup2(err_w, 2), os.dup2(res_w, 3)
+        stdin = request.get("stdin", -1)  # a descriptor the harness passed, else /dev/null; moved to 0 first,
+        os.dup2(stdin if stdin >= 0 else null, 0)  # before the dup2s below could overwrite its number
+        os.dup2(null, 1), os.dup2(err_w, 2), os.dup2(res_w, 3)
         if isolated:  # a private copy of the zygote's mount tree with fresh scratch space; gone when we are
             uid = UID_BASE + slot
             _libc_call("unshare", CLONE_NEWNS)
@@ -407,12 +442,14 @@ def _sample(program: str, timeout: float, limits: Limits, slot: int, isolated: b
             os.setgid(uid)
             os.setuid(uid)
         _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        sys.argv, sys.stdin = ["<sample>"], open(0, closefd=False)
+        sys.argv, sys.stdin, sys.stdout, sys.stderr = ["<sample>"], open(0, closefd=False), _Drop(), _Drop()
     except BaseException as e:
-        write(3, json.dumps({"status": "crashed", "error": f"sandbox setup failed: {e!r}"}).encode() + b"\n")
-        exit_(1)
+        try:
+            write(3, json.dumps({"status": "crashed", "error": f"sandbox setup failed: {e!r}"}).encode() + b"\n")
+        finally:
+            exit_(1)  # never return into the zygote's loop
     try:
-        exec(compile(program, "<sample>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        exec(compile(program, "<sample>", "exec"), {})
     except BaseException as e:  # SystemExit included: leaving before the tests end is not a pass
         try:
             text = describe(e, program)
@@ -422,6 +459,20 @@ def _sample(program: str, timeout: float, limits: Limits, slot: int, isolated: b
         exit_(1)
     write(3, b'{"status": "passed"}\n')
     exit_(0)
+
+
+class _Drop(io.TextIOBase):
+    """A sample's sys.stdout and sys.stderr: text in, nothing kept; like the official harnesses' StringIO, it has no
+    ``buffer`` or ``fileno``. Writing a gigabyte through it costs nothing, where encoding it for a file takes
+    seconds (HumanEval/63's recursion printing 200 KB per call timed out so)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        return len(text)
 
 
 def _describe(e: BaseException, program: str) -> str:

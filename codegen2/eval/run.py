@@ -5,6 +5,7 @@ Everything lives in one output directory, so a run that is interrupted resumes w
     config.json     the settings the samples were made with (a re-run with other settings is refused)
     samples.jsonl   one line per generated sample: task_id, sample (0..n-1), completion (post-processed)
     results.jsonl   one line per executed sample: task_id, sample, completion, result, error
+                    (humaneval-plus: result is the HumanEval+ verdict, base and plus inputs; base_result the base's)
     summary.json    pass@k, status counts, settings;  summary.md: the same as a Markdown table
 
 Sample ``i`` of the problem at index ``t`` is drawn with seed ``seed * 10**9 + t * 10**5 + i`` (the engine seeds
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from codegen2.eval import tasks
+from codegen2.eval import plus, tasks
 from codegen2.eval.datasets import Problem
-from codegen2.eval.execution import STATUSES, Sandbox
+from codegen2.eval.execution import STATUSES, Limits, Sandbox
 from codegen2.eval.passk import estimate
 
 if TYPE_CHECKING:
@@ -121,15 +122,24 @@ def generate(task: str, problems: list[Problem], engine: Engine, out: Path, n: i
     return [r for r in read_jsonl(path) if (r["task_id"], r["sample"]) in wanted]
 
 
-def read_samples(task: str, path: Path, problems: list[Problem]) -> list[dict]:
-    """Samples made elsewhere (human-eval format: task_id and completion per line), numbered per task in order."""
+def read_samples(task: str, path: Path, problems: list[Problem], postprocess: bool = False) -> list[dict]:
+    """Samples made elsewhere (human-eval format: task_id and completion per line), numbered per task in order.
+    Scored as given, as the official harnesses do; ``postprocess`` applies the generation-time cut first."""
     known, counts, samples = {p.task_id for p in problems}, Counter(), []
-    for row in read_jsonl(path):
-        if row.get("task_id") not in known:
-            raise ValueError(f"{path}: task_id {row.get('task_id')!r} is not a {task} problem (or is cut off by "
-                             f"--limit)")
-        samples.append({"task_id": row["task_id"], "sample": counts[row["task_id"]],
-                        "completion": tasks.postprocess(task, row.get("completion") or "")})
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not a JSON line ({e})") from None
+        if not isinstance(row, dict) or row.get("task_id") not in known:
+            raise ValueError(f"{path}:{number}: task_id {row.get('task_id') if isinstance(row, dict) else row!r} "
+                             f"is not a {task} problem (or is cut off by --limit)")
+        if not isinstance(row.get("completion"), str):
+            raise ValueError(f"{path}:{number}: no completion string (each line needs task_id and completion)")
+        completion = tasks.postprocess(task, row["completion"]) if postprocess else row["completion"]
+        samples.append({"task_id": row["task_id"], "sample": counts[row["task_id"]], "completion": completion})
         counts[row["task_id"]] += 1
     if not samples:
         raise ValueError(f"{path} holds no samples (JSON lines with task_id and completion)")
@@ -145,41 +155,61 @@ def execute(task: str, problems: list[Problem], samples: list[dict], out: Path, 
     by_id = {p.task_id: p for p in problems}
     mode = "none needed (resumed)"
     if todo:
-        with Sandbox(workers, preload=tasks.PRELOAD.get(task, ())) as sandbox, \
+        oracles = plus.oracles([by_id[t] for t in sorted({s["task_id"] for s in todo})]) \
+            if task == "humaneval-plus" else {}
+        limits = Limits(memory_mb=tasks.MEMORY_MB.get(task, Limits.memory_mb))
+        with Sandbox(workers, limits, preload=tasks.PRELOAD.get(task, ())) as sandbox, \
                 ThreadPoolExecutor(sandbox.workers) as pool, open_append(path) as f:
             mode = sandbox.mode
-            futures = {pool.submit(sandbox.run, tasks.program(task, by_id[s["task_id"]], s["completion"]),
-                                   tasks.timeout(task, s["task_id"], timeout)): s for s in todo}
-            for future in tqdm(as_completed(futures), total=len(todo), desc=f"execute {task}", unit="sample"):
-                s, result = futures[future], future.result()
-                record = {"task_id": s["task_id"], "sample": s["sample"], "completion": s["completion"],
-                          "result": result.status, "error": result.error}
+
+            def check(s: dict) -> dict:
+                record = {"task_id": s["task_id"], "sample": s["sample"], "completion": s["completion"]}
+                for part, program, seconds, stdin in tasks.checks(task, by_id[s["task_id"]], s["completion"],
+                                                                  oracles.get(s["task_id"]), timeout):
+                    result = sandbox.run(program, seconds, stdin)
+                    error = f"{part}: {result.error}" if part and result.error else result.error
+                    record |= {"result": result.status, "error": error}
+                    if part == "base":
+                        record["base_result"] = result.status
+                    if not result.passed:
+                        break
+                return record
+
+            for future in tqdm(as_completed([pool.submit(check, s) for s in todo]), total=len(todo),
+                               desc=f"execute {task}", unit="sample"):
+                record = future.result()
                 f.write(json.dumps(record) + "\n")
                 f.flush()
-                done[(s["task_id"], s["sample"])] = record
+                done[(record["task_id"], record["sample"])] = record
     wanted = {(s["task_id"], s["sample"]) for s in samples}
     return [r for key, r in sorted(done.items(), key=lambda kv: (kv[0][0], kv[0][1])) if key in wanted], mode
 
 
-def summarize(task: str, problems: list[Problem], results: list[dict], out: Path, settings: dict) -> dict:
-    """pass@k over the problems that have samples; writes summary.json and summary.md."""
-    n, c = Counter(), Counter()
-    for r in results:
-        n[r["task_id"]] += 1
-        c[r["task_id"]] += r["result"] == "passed"
+def summarize(task: str, problems: list[Problem], results: list[dict], out: Path, settings: dict,
+              ks: Iterable[int] = (1, 10, 100)) -> dict:
+    """pass@k for each k <= n over the problems that have samples; writes summary.json and summary.md.
+    HumanEval+ has EvalPlus's two figures: pass@k on base and plus inputs, base_pass@k on the base inputs."""
+    n = Counter(r["task_id"] for r in results)
     order = [p.task_id for p in problems if p.task_id in n]
-    metrics = estimate((n[t], c[t]) for t in order)
-    statuses = Counter(r["result"] for r in results)
+    rows = {"": (task, "result")}  # metric prefix: (row name, the field that says passed)
+    if task == "humaneval-plus":
+        rows = {"": (f"{task} (base + plus tests)", "result"), "base_": (f"{task} (base tests)", "base_result")}
+    metrics = {}
+    for prefix, (_, field) in rows.items():
+        c = Counter(r["task_id"] for r in results if r.get(field) == "passed")
+        metrics |= {prefix + k: v for k, v in estimate(((n[t], c[t]) for t in order), ks).items()}
+    statuses, per_problem = Counter(r["result"] for r in results), "/".join(map(str, sorted(set(n.values()))))
     summary = {"task": task, "problems": len(order), "samples": len(results),
                "samples_per_problem": sorted(set(n.values())), **metrics,
                "results": {s: statuses.get(s, 0) for s in STATUSES}, **settings}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    ks = [k for k in ("pass@1", "pass@10", "pass@100") if k in metrics]
-    table = [f"| task | problems | samples/problem | {' | '.join(ks)} |", "|---|---:|---:|" + "---:|" * len(ks),
-             f"| {task} | {len(order)} | {'/'.join(map(str, summary['samples_per_problem']))} | "
-             + " | ".join(f"{100 * metrics[k]:.2f}" for k in ks) + " |", "",
-             "Results: " + ", ".join(f"{s} {v}" for s, v in summary["results"].items())
-             + f". Sandbox: {settings.get('sandbox')}.", ""]
+    ks = [k for k in metrics if not k.startswith("base_")]
+    table = [f"| task | problems | samples/problem | {' | '.join(ks)} |", "|---|---:|---:|" + "---:|" * len(ks)]
+    table += [f"| {name} | {len(order)} | {per_problem} | " + " | ".join(f"{100 * metrics[prefix + k]:.2f}"
+                                                                       for k in ks) + " |"
+              for prefix, (name, _) in rows.items()]
+    table += ["", "Results: " + ", ".join(f"{s} {v}" for s, v in summary["results"].items())
+              + f". Sandbox: {settings.get('sandbox')}.", ""]
     (out / "summary.md").write_text("\n".join(table))
     return summary
 
