@@ -37,25 +37,51 @@ def infill_prompt(tokenizer: Tokenizer, prefix: str, suffix: str) -> list[int]:
     return multi_infill_prompt(tokenizer, [prefix, suffix])
 
 
+def _tokens_at(tokenizer: Tokenizer, text: str, n: int, end: bool) -> tuple[list[int], str]:
+    """The ids of a window of ``text`` at its end (or start) holding more than n tokens, or of all of it, and
+    the window. A token is at most max_token_bytes long, so windows grow from 8 characters a token and double;
+    a 3 MB file near the hole costs a few thousand characters of tokenizing, not 3 MB (10 s for CodeGen2)."""
+    width = 8 * (n + 2)
+    while True:
+        window = text[-width:] if end else text[:width]
+        ids = tokenizer.encode(window)
+        if len(window) == len(text) or len(ids) > n + 2:
+            return ids, window
+        width *= 2
+
+
+def _cut(tokenizer: Tokenizer, ids: list[int], window: str, keep: int, end: bool) -> str:
+    """The text of the last (or first) ``keep`` tokens of window's ids, cut from the window by their byte length
+    (so it is exactly a piece of the window), moved to a character boundary if a token split a character."""
+    data = window.encode("utf-8")
+    kept = ids[len(ids) - keep:] if end else ids[:keep]
+    n = sum(len(tokenizer.token_bytes(t)) for t in kept)
+    piece = data[len(data) - n:] if end else data[:n]
+    return piece.decode("utf-8", errors="ignore")  # drops only the bytes of a split character at the cut
+
+
 def fit_infill(tokenizer: Tokenizer, prefix: str, suffix: str, room: int) -> tuple[list[int], bool]:
-    """The one-hole prompt in at most ``room`` tokens (>= 16), and whether text had to be cut to get there.
+    """The one-hole prompt in at most ``room`` tokens, and whether text had to be cut to get there.
 
     A prompt that does not fit keeps the end of the prefix and the start of the suffix, as llama.cpp's /infill
-    does: the suffix keeps at least a quarter of the budget when it is that long, the prefix gets the rest. Cuts
-    are at token boundaries of each piece's own tokenization; the pieces are re-tokenized as text, which can
-    change a few tokens at the cut, hence 8 tokens of slack, then a check."""
-    ids = infill_prompt(tokenizer, prefix, suffix)
-    if len(ids) <= room:
-        return ids, False
-    pre, suf = tokenizer.encode(prefix), tokenizer.encode(suffix)
-    budget = max(room - (len(ids) - len(pre) - len(suf)) - 8, 2)
-    while True:
+    does: the suffix keeps at least a quarter of the budget when it is that long, the prefix gets the rest. The
+    kept pieces are re-tokenized as text, which can change a few tokens at the cut, hence 8 tokens of slack, then
+    a check."""
+    budget = max(room - 4 - 8, 2)  # 4 control tokens: <mask_1> ... <|endoftext|> <sep> <mask_1>
+    pre, pre_window = _tokens_at(tokenizer, prefix, budget, end=True)
+    suf, suf_window = _tokens_at(tokenizer, suffix, budget, end=False)
+    if len(pre_window) == len(prefix) and len(suf_window) == len(suffix) and len(pre) + len(suf) + 4 <= room:
+        ids = infill_prompt(tokenizer, prefix, suffix)
+        if len(ids) <= room:
+            return ids, False
+    while True:  # len(pre), len(suf): exact for a whole piece, else more than the budget, which is all it needs
         keep_s = min(len(suf), max(budget // 4, budget - len(pre)))
         keep_p = min(len(pre), budget - keep_s)
-        ids = infill_prompt(tokenizer, tokenizer.decode(pre[len(pre) - keep_p:]), tokenizer.decode(suf[:keep_s]))
+        ids = infill_prompt(tokenizer, _cut(tokenizer, pre, pre_window, keep_p, end=True),
+                            _cut(tokenizer, suf, suf_window, keep_s, end=False))
         if len(ids) <= room or budget <= 2:
             return ids, True
-        budget -= len(ids) - room
+        budget = max(budget - (len(ids) - room), 2)
 
 
 def multi_infill_prompt(tokenizer: Tokenizer, pieces: Sequence[str]) -> list[int]:

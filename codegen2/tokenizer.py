@@ -80,6 +80,7 @@ class Tokenizer(abc.ABC):
 
     kind: str
     vocab_size: int
+    max_token_bytes: int
     eos_id: int
     sep_id: int
     eom_id: int
@@ -89,6 +90,9 @@ class Tokenizer(abc.ABC):
 
     def _set_control_ids(self) -> None:
         self.vocab_size = len(self._table)
+        # No token is longer than this (128 bytes for both families): a text of more than n * this many bytes
+        # surely encodes to more than n tokens, which callers can tell without encoding it.
+        self.max_token_bytes = max(map(len, self._table))
         self.eos_id = self._special[ENDOFTEXT]
         self.sep_id = self._special["<sep>"]
         self.eom_id = self._special["<eom>"]

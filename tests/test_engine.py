@@ -312,6 +312,49 @@ def test_batched_sampling_gives_each_row_its_own_result():
     assert got[0].logprob is None and got[2].top is None
 
 
+def test_sampler_chains_run_in_the_order_given():
+    """samplers: llama.cpp's chain. Its default puts temperature last, so top_p sees the untempered
+    distribution: with [0.5, 0.3, 0.15, 0.05], temperature 0.5 and top_p 0.6, ours (temperature first:
+    [0.685, 0.247, ...]) keeps one token, llama.cpp's order keeps two. A stage not listed does not run:
+    temperature 0 without a temperature stage is not greedy."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: torch.isfinite(filter_logits(logits, p)).tolist()  # noqa: E731
+    assert kept(SamplingParams(temperature=0.5, top_p=0.6)) == [[True, False, False, False]]
+    llama = ["penalties", "top_k", "top_p", "min_p", "temperature"]
+    assert kept(SamplingParams(temperature=0.5, top_p=0.6, samplers=llama)) == [[True, True, False, False]]
+    plain = SamplingParams(temperature=0.0, top_k=2, samplers=["top_k"])
+    assert not plain.greedy and kept(plain) == [[True, True, False, False]]
+    assert torch.equal(filter_logits(logits, plain)[0, :2], logits[0, :2])  # no temperature applied
+    assert kept(SamplingParams(temperature=0.0, samplers=[])) == [[True] * 4]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.bincount(sample(logits.expand(4000, 4), SamplingParams(samplers=[]), g), minlength=4) / 4000
+    assert torch.allclose(draws, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    with pytest.raises(InvalidRequest, match="samplers must list each of") as e:
+        SamplingParams(samplers=["top_k", "dry"])
+    assert e.value.param == "samplers"
+
+
+def test_infill_stage_by_hand():
+    """llama.cpp's infill sampler, on candidates whose probabilities are given. Pieces: 0 "ab", 1 "a", 2 "abc",
+    3 "x", 4 the end of the middle."""
+    from codegen2.engine.sampling import InfillVocab, _infill
+
+    vocab = InfillVocab([b"ab", b"a", b"abc", b"x", b"<eom>", b"q", b"r", b"s", b"t", b"u", b"v"],
+                        frozenset({4}), 4)
+
+    def run(probs: dict[int, float]) -> set[int]:
+        ids = torch.tensor(list(probs))
+        kept, _ = _infill(ids, torch.log(torch.tensor(list(probs.values()), dtype=torch.float64)).float(), vocab)
+        return set(kept.tolist())
+    # "a" and "abc" merge into "ab" (0.33 + 0.10 + 0.30 = 0.73); "x" (0.22) passes the 0.2 threshold, then fails
+    # 1 / (2 texts + 1); the end of the middle is always kept.
+    assert run({0: 0.33, 1: 0.30, 2: 0.10, 3: 0.22, 4: 0.05}) == {0, 4}
+    # The end holds more than a third of the text mass per candidate (3 * 0.2 * 3 > 0.8): only it is kept.
+    assert run({0: 0.5, 3: 0.3, 4: 0.2}) == {4}
+    # No text token reaches 0.2 and none merge: the middle ends.
+    assert run({5: 0.16, 6: 0.16, 7: 0.16, 8: 0.16, 9: 0.16, 10: 0.16, 4: 0.04}) == {4}
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(min_p=2), "min_p"),

@@ -148,3 +148,91 @@ def test_an_infill_ends_at_eom_and_a_whole_generate_merges_the_deltas():
     (o,) = whole.outputs
     assert (o.text, o.token_ids, o.finish_reason, o.stop_reason) == (" c d", [C, D], "stop", EOM)
     assert whole.finished and whole.prompt_token_ids == ids
+
+
+def test_prefill_only_caches_the_prompt_and_generates_nothing():
+    """llama.cpp's n_predict 0 (the editors' context warm-up): the prompt's K/V stay in a slot, so the next
+    request sharing it computes only the rest."""
+    model = FakeModel()
+    engine = Engine(model, TOK, max_batch=2)
+    context = [A + i for i in range(20)]
+    warm = engine.add_request(engine.prepare(context, SamplingParams(n=3), prefill_only=True))
+    (out,) = run(engine)[warm]
+    assert out.finished and [(o.text, o.token_ids, o.finish_reason) for o in out.outputs] == [("", [], "length")]
+    assert all(rows == 1 for rows, _ in model.calls)  # one sequence despite n=3: nothing to sample
+    (whole,) = engine.generate([context + [B, C]], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert whole.cached_prompt_tokens == 20 and whole.outputs[0].token_ids == [C + 1, C + 2]
+
+
+class Recital(FakeModel):
+    """Says ``text`` token by token after a one-token prompt, whatever it is fed: the token after position p is
+    the text's p-th."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.said = TOK.encode(text) + [EOS]
+
+    def forward(self, tokens, input_pos=None, cache=None, last_only=False):
+        logits = torch.zeros(tokens.shape[0], 1, self.config.vocab_size)
+        for b, p in enumerate(input_pos[:, -1].tolist()):
+            logits[b, 0, self.said[min(p, len(self.said) - 1)]] = 20.0
+        return logits
+
+
+def test_min_indent_ends_at_a_line_indented_less():
+    """After the first generated line break, a line with fewer leading spaces than min_indent ends the text
+    before its first character (llama.cpp's n_indent); the cursor's own line is never checked."""
+    text = "x\n    y\n  z\n"
+    engine = Engine(Recital(text), TOK)
+    (four,) = engine.generate([[A]], SamplingParams(max_tokens=20, min_indent=4))
+    assert (four.outputs[0].text, four.outputs[0].finish_reason) == ("x\n    y\n  ", "length")
+    (two,) = engine.generate([[A]], SamplingParams(max_tokens=20, min_indent=2))
+    assert (two.outputs[0].text, two.outputs[0].finish_reason) == (text, "stop")  # indented enough: no cut
+    (empty,) = engine.__class__(Recital("x\n    y\n\n    z"), TOK).generate([[A]], SamplingParams(min_indent=4))
+    assert empty.outputs[0].text == "x\n    y\n"  # an empty line ends it too, as in llama.cpp
+    (first,) = Engine(Recital("  x\n    y"), TOK).generate([[A]], SamplingParams(min_indent=4))
+    assert first.outputs[0].text == "  x\n    y"  # the first line is the cursor's: never checked
+    streamed = []
+    rid = engine.add_request([A], SamplingParams(max_tokens=20, min_indent=4))
+    while engine.has_unfinished():
+        streamed += [o.text for out in engine.step() if out.request_id == rid for o in out.outputs]
+    assert "".join(streamed) == "x\n    y\n  "  # nothing shown was taken back
+
+
+def test_one_failing_request_does_not_hurt_the_others():
+    """A forward pass that raises for one row (a poisoned token here) fails that request alone, with its error;
+    the rows it was batched with get their own tokens, and the engine keeps serving."""
+    POISON = 777
+
+    class Flaky(FakeModel):
+        def forward(self, tokens, *args, **kwargs):
+            if (tokens == POISON).any():
+                raise RuntimeError("poisoned row")
+            return super().forward(tokens, *args, **kwargs)
+
+    engine = Engine(Flaky({POISON - 1: POISON}), TOK, max_batch=4)
+    good = engine.add_request([A], SamplingParams(max_tokens=6, ignore_eos=True))
+    bad = engine.add_request([POISON - 2], SamplingParams(max_tokens=6, ignore_eos=True))  # -> POISON - 1 -> POISON
+    got = run(engine)
+    assert [t for out in got[good] for o in out.outputs for t in o.token_ids] == [A + i for i in range(1, 7)]
+    assert got[bad][-1].finished and "poisoned row" in got[bad][-1].error
+    assert got[bad][-1].outputs[-1].finish_reason == "abort"
+    (after,) = engine.generate([[B]], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert after.outputs[0].token_ids == [B + 1, B + 2] and after.error is None
+    assert engine.stats().slots_used == 0
+
+
+def test_a_failure_after_sampling_fails_its_request_only(monkeypatch):
+    engine = Engine(FakeModel(), TOK, max_batch=4)
+    good = engine.add_request([A], SamplingParams(max_tokens=4, ignore_eos=True))
+    bad = engine.add_request([B], SamplingParams(max_tokens=4, ignore_eos=True), request_id="bad")
+    real = Engine._accept
+
+    def accept(self, seq, *args):
+        if seq.request_id == "bad" and len(seq.output) == 2:
+            raise ValueError("detokenizer bug")
+        return real(self, seq, *args)
+    monkeypatch.setattr(Engine, "_accept", accept)
+    got = run(engine)
+    assert sum(len(o.token_ids) for out in got[good] for o in out.outputs) == 4
+    assert got[bad][-1].error == "ValueError: detokenizer bug" and got[bad][-1].finished

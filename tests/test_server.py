@@ -175,10 +175,10 @@ def test_llama_infill_and_completion(server, tiny):
     tok = tiny[1]
     body = {"input_prefix": "def add(a, b):\n", "prompt": "    ", "input_suffix": "\n    return c\n",
             "input_extra": [{"filename": "util.py", "text": "import math"}], "temperature": 0,
-            "cache_prompt": True, "samplers": ["top_k", "infill"], "n_indent": 4}  # unknown fields are ignored
+            "cache_prompt": True, "samplers": ["top_k", "temperature"], "n_indent": 4, "lora": []}  # unknown: ignored
     r = post(server, "/infill", body).json()
     prefix = "import math\ndef add(a, b):\n    "
-    ref = alone(tiny, [Infill(prefix, body["input_suffix"])], SamplingParams(max_tokens=64))[0][0]
+    ref = alone(tiny, [Infill(prefix, body["input_suffix"])], SamplingParams(max_tokens=64, min_indent=4))[0][0]
     assert r["content"] == ref.text and r["tokens_predicted"] == len(ref.token_ids) and r["stop"] is True
     assert r["tokens_evaluated"] == len(infill_prompt(tok, prefix, body["input_suffix"])) and not r["truncated"]
     assert r["stop_type"] == ("limit" if ref.finish_reason == "length" else "eos")
@@ -247,7 +247,9 @@ ERRORS = [  # (path, body (str: raw), status, words in the message, param)
     ("/v1/completions", {"prompt": "x", "seed": 1 << 70}, 400, "seed must be an integer in", "seed"),
     ("/v1/completions", {"prompt": "x", "stop": ["a"] * 33}, 400, "at most 32 strings", "stop"),
     ("/infill", {"input_prefix": 5}, 422, "input_prefix", "input_prefix"),
-    ("/infill", {"input_prefix": "x", "n_predict": 0}, 400, "max_tokens must be", "n_predict"),
+    ("/infill", {"input_prefix": "x", "n_probs": 50}, 400, "logprobs must be an integer in [0, 20]", "n_probs"),
+    ("/infill", {"input_prefix": "x", "samplers": ["top_k", "magic"]}, 400, "unknown sampler 'magic'", "samplers"),
+    ("/infill", {"input_prefix": "x", "n_cmpl": 0}, 400, "n must be an integer in [1, 64]", "n_cmpl"),
     ("/infill", {"input_prefix": "x", "prompt": [1, 2]}, 400, "prompt must be text for /infill", "prompt"),
     ("/completion", {"prompt": "x", "repeat_penalty": 0}, 400, "repetition_penalty must be > 0", "repeat_penalty"),
     ("/infill", {"input_extra": [{"text": 3}]}, 422, "input_extra", "input_extra"),
@@ -258,8 +260,9 @@ ERRORS = [  # (path, body (str: raw), status, words in the message, param)
 
 @pytest.mark.parametrize("path, body, status, words, param", ERRORS)
 def test_bad_input_gets_an_openai_style_error(server, path, body, status, words, param):
-    kw = {"content": body} if isinstance(body, str) else {"json": body}
-    r = httpx.post(server[0] + path, headers=AUTH, timeout=60, **kw)
+    kw = {"content": body, "headers": {**AUTH, "Content-Type": "application/json"}} if isinstance(body, str) \
+        else {"json": body, "headers": AUTH}
+    r = httpx.post(server[0] + path, timeout=60, **kw)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and words in error["message"]
@@ -395,6 +398,39 @@ SERVE = ("import argparse, sys\nfrom codegen2.server import cli\np = argparse.Ar
          "cli.add_parser(p.add_subparsers())\ncli.run(p.parse_args(sys.argv[1:]))")
 
 
+def test_served_model_names_and_model_lookup(tiny):
+    with live_server(create_app(lambda: Engine(*tiny, max_batch=2), ["main", "alias"])) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "alias", "prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "main"
+        card = httpx.get(url + "/v1/models/alias").json()
+        assert (card["id"], card["aliases"], card["max_model_len"]) == ("main", ["alias"], 256)
+        assert httpx.get(url + "/v1/models").json()["data"] == [card]
+        missing = httpx.get(url + "/v1/models/other")
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    with pytest.raises(ValueError, match="model names must be non-empty strings"):
+        create_app(lambda: None, [])
+
+
+def test_serve_refuses_a_busy_port_and_an_absent_device_at_once(codegen_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        r = subprocess.run([sys.executable, "-c", SERVE, "serve", "--model", str(codegen_dir), "--port", port],
+                           capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "terminate called" not in r.stderr and "Traceback" not in r.stderr
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, "-c", SERVE, "serve", "--model", str(codegen_dir), "--device", "cuda"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and "error: device 'cuda': CUDA is not available" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-c", SERVE, "serve", "--model", "m", "--device", "quantum"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "error: unknown device 'quantum'" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-c", SERVE, "serve", "--help"], capture_output=True, text=True, timeout=600)
+    assert "(default: 16)" in r.stdout and "--served-model-name" in r.stdout and "--max-model-len" in r.stdout
+
+
 def test_serve_command(codegen_dir, tmp_path):
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers())
@@ -406,7 +442,8 @@ def test_serve_command(codegen_dir, tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "CODEGEN2_API_KEY": "env-key"}
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--model", str(codegen_dir), "--port", str(port),
-                             "--dtype", "fp32", "--max-concurrency", "2"], env=env, stderr=subprocess.PIPE)
+                             "--dtype", "fp32", "--max-concurrency", "2", "--max-model-len", "128", "--kv-cache-gib",
+                             "0.5", "--served-model-name", "tiny", "tiny-alias"], env=env, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600  # model load in a fresh process; minutes only on a loaded machine
@@ -416,9 +453,11 @@ def test_serve_command(codegen_dir, tmp_path):
                 if httpx.get(url + "/health").status_code == 200:
                     break
             time.sleep(0.1)
-        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "model": "tiny-alias"},
                        headers={"Authorization": "Bearer env-key"}, timeout=60)
-        assert r.status_code == 200 and r.json()["model"] == str(codegen_dir)
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+        card = httpx.get(url + "/v1/models/tiny", headers={"Authorization": "Bearer env-key"}).json()
+        assert card["max_model_len"] == 128  # --max-model-len
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)

@@ -50,19 +50,66 @@ class StopStrings:
         return out
 
 
+class MinIndent:
+    """llama.cpp's n_indent rule: after the first generated line break, a line whose leading spaces and tabs (each
+    counts 1) are fewer than ``n`` ends the text before its first other character, an empty line included.
+    Text at the start of a line is held back until its indentation is known, so a cut never takes back text
+    already shown."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.at_line_start, self.held = n, False, ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to show, whether the rule cut the text here)."""
+        if not self.n:
+            return text, False
+        text, self.held, out = self.held + text, "", []
+        while text:
+            if not self.at_line_start:
+                i = text.find("\n")
+                if i < 0:
+                    out.append(text)
+                    break
+                out.append(text[:i + 1])
+                text, self.at_line_start = text[i + 1:], True
+                continue
+            indent = len(text) - len(text.lstrip(" \t"))
+            if indent == len(text):  # only indentation so far: wait for the line's first other character
+                self.held = text
+                break
+            if indent < self.n:
+                out.append(text[:indent])
+                return "".join(out), True
+            self.at_line_start = False
+        return "".join(out), False
+
+    def rest(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
 class TextStream:
     """One sequence's text: ``push`` each generated token, ``finish`` when it ends for another reason."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Seq[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stops: Seq[str], min_indent: int = 0) -> None:
         self.decoder = tokenizer.incremental_decoder()
         self.stops = StopStrings(stops)
+        self.indent = MinIndent(min_indent)
 
-    def push(self, token: int) -> tuple[str, str | None]:
-        """(new text safe to show, the stop string found or None)."""
+    def push(self, token: int) -> tuple[str, str | None, bool]:
+        """(new text safe to show, the stop string found or None, whether the indentation rule ended it)."""
         text, hit = self.stops.feed(self.decoder.push(token))
-        return text, self.stops.hit if hit else None
+        text, cut = self.indent.feed(text)
+        if hit and not cut:  # the text ends at the stop string: indentation held before it is part of it
+            text += self.indent.rest()
+        return text, self.stops.hit if hit and not cut else None, cut
 
-    def finish(self) -> tuple[str, str | None]:
-        """Release what the decoder and the matcher hold back: (text, the stop string found in it or None)."""
+    def finish(self) -> tuple[str, str | None, bool]:
+        """Release what the decoder and the matchers hold back, as ``push`` reports it."""
         text, hit = self.stops.feed(self.decoder.flush())
-        return (text, self.stops.hit) if hit else (text + self.stops.rest(), None)
+        if not hit:
+            text += self.stops.rest()
+        text, cut = self.indent.feed(text)
+        if not cut:
+            text += self.indent.rest()
+        return text, self.stops.hit if hit and not cut else None, cut

@@ -17,6 +17,7 @@ when the model is loaded (``Engine.from_pretrained``, or ``codegen2.kernels.prep
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,15 @@ from torch import nn
 from codegen2.engine.detokenize import TextStream
 from codegen2.engine.prompt import PreparedRequest, Prompt, prepare_request
 from codegen2.engine.runner import ModelRunner
-from codegen2.engine.sampling import SamplingParams, sample_batch
+from codegen2.engine.sampling import InfillVocab, SamplingParams, sample_batch
 from codegen2.engine.scheduler import Scheduler, Sequence
+from codegen2.models.checkpoint import check_device
 from codegen2.models.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from codegen2.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +72,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]  # the completions that changed (each at most once per output)
     finished: bool  # every completion of the request has finished
+    cached_prompt_tokens: int = 0  # prompt tokens found in the KV cache instead of computed (0 until admitted)
+    error: str | None = None  # set when the engine failed this request (its completions end with "abort")
 
 
 @dataclass
@@ -99,6 +105,7 @@ class _Request:
     id: str
     prompt_ids: list[int]
     seqs: list[Sequence] = field(default_factory=list)
+    error: str | None = None
 
 
 class Engine:
@@ -121,6 +128,7 @@ class Engine:
         self._streams: dict[Sequence, _Stream] = {}
         self._pending: list[RequestOutput] = []  # finals of aborted requests, delivered by the next step
         self._ids = itertools.count()
+        self._vocab: InfillVocab | None = None  # for the infill sampling stage, built on first use
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, dtype: str = "bf16", device: str = "cpu", quant: str | None = None,
@@ -137,9 +145,10 @@ class Engine:
 
     # --- requests ---------------------------------------------------------------------------------------------
 
-    def prepare(self, prompt: Prompt, params: SamplingParams | None = None, fit: bool = False) -> PreparedRequest:
+    def prepare(self, prompt: Prompt, params: SamplingParams | None = None, fit: bool = False,
+                prefill_only: bool = False) -> PreparedRequest:
         """Tokenize and check a prompt for this engine (any thread may call this); see prompt.py."""
-        return prepare_request(self.tokenizer, prompt, params, self.max_seq_len, fit)
+        return prepare_request(self.tokenizer, prompt, params, self.max_seq_len, fit, prefill_only)
 
     def add_request(self, prompt: Prompt | PreparedRequest, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -152,14 +161,15 @@ class Engine:
         ids, params = request.prompt_ids, request.params
         entry = _Request(request_id, ids)
         for index in range(params.n):
-            seq = Sequence(request_id, index, ids, params)
+            seq = Sequence(request_id, index, ids, params, prefill_only=request.prefill_only)
             self.scheduler.add(seq)
             entry.seqs.append(seq)
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
-            self._streams[seq] = _Stream(TextStream(self.tokenizer, params.stop), set(params.stop_token_ids),
-                                         generator, new_logprobs=[] if params.logprobs is not None else None)
+            self._streams[seq] = _Stream(TextStream(self.tokenizer, params.stop, params.min_indent),
+                                         set(params.stop_token_ids), generator,
+                                         new_logprobs=[] if params.logprobs is not None else None)
         self._requests[request_id] = entry
         return request_id
 
@@ -187,39 +197,105 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step: one decode token for every running sequence and at most one prefill chunk.
-        Returns an output for each request that changed."""
+        Returns an output for each request that changed.
+
+        A request whose work raises (a bug, or a state no input should reach) fails alone: it ends with
+        finish_reason "abort" and ``error`` set, and the others go on; a failed batched forward pass is retried
+        row by row to find the rows at fault."""
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         for src, dst, length in batch.copies:
             self.runner.copy_prefix(src, dst, length)
         rows: list[Sequence] = []  # the sequences that get a token this step, in the order of `logits`
         logits: list[torch.Tensor] = []
+        touched: dict[str, _Request] = {}
         if batch.decode:
-            seqs = batch.decode
-            logits.append(self.runner.decode([s.slot for s in seqs], [s.output[-1] for s in seqs],
-                                             [len(s.tokens) - 1 for s in seqs]))
+            seqs, out = self._decode(batch.decode)
             for seq in seqs:
                 self.scheduler.decoded(seq)
             rows += seqs
+            logits += out
+            touched.update((s.request_id, self._requests[s.request_id]) for s in batch.decode)
         if batch.prefill is not None:
-            chunk = batch.prefill
-            last = self.runner.prefill(chunk.seq.slot, chunk.tokens, chunk.start)
-            self.scheduler.prefilled(chunk)
-            if chunk.last:
-                logits.append(last)
-                rows.append(chunk.seq)
-        if rows:
-            sampled = sample_batch(torch.cat(logits), [s.params for s in rows],
-                                   [self._streams[s].generator for s in rows], [(s.prompt, s.output) for s in rows])
-            for seq, choice in zip(rows, sampled):
+            chunk, seq = batch.prefill, batch.prefill.seq
+            try:
+                last = self.runner.prefill(seq.slot, chunk.tokens, chunk.start)
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                self._fail(seq, e)
+                touched[seq.request_id] = self._requests[seq.request_id]
+            else:
+                self.scheduler.prefilled(chunk)
+                if chunk.last:
+                    touched[seq.request_id] = self._requests[seq.request_id]
+                    if seq.prefill_only:
+                        self._finish(seq, "length")
+                    else:
+                        logits.append(last)
+                        rows.append(seq)
+        for seq, choice in self._sample(rows, logits):
+            if seq.finished:  # its request failed earlier in this loop
+                continue
+            try:
                 self._accept(seq, choice.token, choice.logprob, choice.top)
-        for request in {self._requests[s.request_id].id: self._requests[s.request_id] for s in rows}.values():
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                self._fail(seq, e)
+        for request in touched.values():
             out = self._output(request)
             if out.outputs:
                 outputs.append(out)
             if out.finished:
                 self._forget(request)
         return outputs
+
+    def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[torch.Tensor]]:
+        """One decode pass for seqs -> (the seqs that succeeded, their logits as one (B, V) tensor or none)."""
+        args = lambda group: ([s.slot for s in group], [s.output[-1] for s in group],  # noqa: E731
+                              [len(s.tokens) - 1 for s in group])
+        try:
+            return seqs, [self.runner.decode(*args(seqs))]
+        except Exception as e:  # noqa: BLE001 - retried row by row below
+            if len(seqs) == 1:
+                self._fail(seqs[0], e)
+                return [], []
+        good, out = [], []
+        for seq in seqs:
+            try:
+                out.append(self.runner.decode(*args([seq])))
+                good.append(seq)
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e)
+        return good, out
+
+    def _sample(self, rows: list[Sequence], logits: list[torch.Tensor]):
+        """(seq, Sampled) for every row still running, sampled in one call (row by row only after a failure)."""
+        rows = [s for s in rows if not s.finished]
+        if not rows:
+            return []
+        logits = torch.cat(logits)  # (B, V)
+        if any("infill" in s.params.order for s in rows) and self._vocab is None:
+            self._vocab = InfillVocab.of(self.tokenizer)
+
+        def run(idx: list[int]):
+            return sample_batch(logits[idx], [rows[i].params for i in idx],
+                                [self._streams[rows[i]].generator for i in idx],
+                                [(rows[i].prompt, rows[i].output) for i in idx], self._vocab)
+        try:
+            return list(zip(rows, run(list(range(len(rows))))))
+        except Exception:  # noqa: BLE001 - find the rows at fault
+            done = []
+            for i, seq in enumerate(rows):
+                try:
+                    done.append((seq, run([i])[0]))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(seq, e)
+            return done
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """End seq's whole request with an error; the engine goes on with the others."""
+        request = self._requests[seq.request_id]
+        log.error("request %s failed in the engine", request.id, exc_info=error)
+        request.error = f"{type(error).__name__}: {error}"
+        self.scheduler.abort(request.id)
 
     def generate(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
@@ -246,20 +322,24 @@ class Engine:
             stream.new_logprobs.append(TokenLogprob(token, logprob, top))
         seq.output.append(token)
         stream.new_ids.append(token)
-        text, hit = stream.text.push(token)
+        text, hit, cut = stream.text.push(token)
         stream.new_text += text
         if hit is not None:
             self._finish(seq, "stop", hit, flush=False)
+        elif cut:  # a line indented less than min_indent: llama.cpp reports it as a limit
+            self._finish(seq, "length", flush=False)
         elif len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_seq_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop: str | int | None = None, flush: bool = True) -> None:
         stream = self._streams[seq]
         if flush:  # release what the UTF-8 decoder and the stop matcher still hold
-            text, hit = stream.text.finish()
+            text, hit, cut = stream.text.finish()
             stream.new_text += text
             if hit is not None:
                 reason, stop = "stop", hit
+            elif cut:
+                reason, stop = "length", None
         stream.stop_reason = stop
         self.scheduler.finish(seq, reason)
 
@@ -275,7 +355,8 @@ class Engine:
             stream.new_ids, stream.new_text = [], ""
             stream.new_logprobs = [] if stream.new_logprobs is not None else None
             stream.reported = seq.finished
-        return RequestOutput(request.id, request.prompt_ids, outs, all(s.finished for s in request.seqs))
+        return RequestOutput(request.id, request.prompt_ids, outs, all(s.finished for s in request.seqs),
+                             request.seqs[0].reused, request.error)
 
     def _forget(self, request: _Request) -> None:
         self._requests.pop(request.id, None)
@@ -293,4 +374,5 @@ def merge(whole: RequestOutput, delta: RequestOutput) -> None:
             by_index[o.index] = CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason, o.stop_reason,
                                                  None if o.logprobs is None else list(o.logprobs))
     whole.outputs = [by_index[i] for i in sorted(by_index)]
-    whole.finished = delta.finished
+    whole.finished, whole.cached_prompt_tokens = delta.finished, delta.cached_prompt_tokens
+    whole.error = delta.error or whole.error

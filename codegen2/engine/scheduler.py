@@ -38,6 +38,8 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int | None = None
     n_cached: int = 0  # tokens of prompt + output whose K/V are in the slot
+    reused: int = 0  # prompt tokens found in the cache when the sequence was admitted
+    prefill_only: bool = False  # finishes when its prompt is in the cache
     finish_reason: str | None = None
 
     @property
@@ -135,6 +137,7 @@ class Scheduler:
             seq.n_cached = min(sibling.n_cached, limit)
             self._copies.append((sibling.slot, slot, seq.n_cached))
         self.reused_tokens += seq.n_cached
+        seq.reused = seq.n_cached
         self.slot_tokens[slot] = seq.prompt[: seq.n_cached]
         self.running.append(seq)
 

@@ -40,6 +40,23 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device named, or a ValueError that says why it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(device)!r} ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"device {str(device)!r}: CUDA is not available (torch {torch.__version__} is {build}, "
+                         "or no GPU is visible); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
+    return dev
+
+
 # --- finding the files -----------------------------------------------------------------------------------------
 
 def resolve(model: str | Path) -> Path:
@@ -137,6 +154,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
 
     dtype: None keeps the checkpoint's stored dtype. mp_num overrides CodeGen2's qkv layout detection.
     """
+    check_device(device)
     directory = resolve(model)
     hf = read_config(directory)
     try:

@@ -32,7 +32,7 @@ from codegen2.engine.errors import InvalidRequest
 from codegen2.server import protocol as p
 from codegen2.server.metrics import Metrics
 from codegen2.server.playground import PAGE
-from codegen2.server.serving import APIError, Serving
+from codegen2.server.serving import APIError, EngineFailure, Serving
 
 log = logging.getLogger("codegen2.server")
 MAX_BODY = 16 << 20  # bytes; a larger Content-Length is refused (413) before anything is read
@@ -42,7 +42,7 @@ ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/complet
 @dataclass
 class _State:
     """What the routes share, kept on ``app.state.codegen2``."""
-    model_name: str
+    model_names: list[str]  # the first is the id responses carry; the others are aliases a request may use
     api_keys: Sequence[str]
     metrics: Metrics
     created: int
@@ -54,9 +54,15 @@ def _state(request: Request) -> _State:
     return request.app.state.codegen2
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class _Guard:
     """Pure ASGI middleware (BaseHTTPMiddleware would get between routes and client disconnects): counts
-    responses per route and refuses bodies whose Content-Length is over MAX_BODY."""
+    responses per route and refuses bodies over MAX_BODY, by their Content-Length before anything is read, and
+    while they arrive when they come in chunks without one (a 24 MiB chunked body is refused after 16 MiB, not
+    read and tokenized to the end)."""
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -65,17 +71,38 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
+        started = False
 
         async def counted(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.requests[(route, message["status"])] += 1
             await send(message)
+
+        def too_large(size: str) -> JSONResponse:
+            body = p.error_body(f"the request body has {size} bytes; the limit is {MAX_BODY}",
+                                "invalid_request_error", code="request_too_large")
+            return JSONResponse(body, 413)
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if length.isdigit() and int(length) > MAX_BODY:
-            body = p.error_body(f"the request body has {int(length)} bytes; the limit is {MAX_BODY}",
-                                "invalid_request_error", code="request_too_large")
-            return await JSONResponse(body, 413)(scope, receive, counted)
-        await self.app(scope, receive, counted)
+            return await too_large(str(int(length)))(scope, receive, counted)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    raise _TooLarge
+            return message
+        try:
+            await self.app(scope, limited, counted)
+        except _TooLarge:
+            if started:
+                raise
+            await too_large(f"more than {MAX_BODY}")(scope, receive, counted)
 
 
 def _schema_error(e: ValidationError) -> APIError:
@@ -97,6 +124,12 @@ def _schema_error(e: ValidationError) -> APIError:
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> BaseModel:
+    # JSON only: a web page can send text/plain, form or multipart bodies to any server without asking
+    # (no CORS preflight), but not application/json.
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"the request body must be JSON with Content-Type: application/json, got "
+                       f"{kind or 'no Content-Type'}", code="unsupported_media_type")
     try:
         return schema.model_validate_json(await request.body())
     except ValidationError as e:
@@ -145,13 +178,26 @@ async def infill(request: Request):
     return await serving.llama(request, await _parse(request, p.InfillRequest))
 
 
-@router.get("/v1/models", dependencies=guarded)
-async def models(request: Request) -> dict:
-    state = _state(request)
-    card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "codegen2"}
+def _card(state: _State) -> dict:
+    card = {"id": state.model_names[0], "object": "model", "created": state.created, "owned_by": "codegen2",
+            "aliases": state.model_names[1:]}
     if state.serving is not None:
         card["max_model_len"] = state.serving.max_seq_len
-    return {"object": "list", "data": [card]}
+    return card
+
+
+@router.get("/v1/models", dependencies=guarded)
+async def models(request: Request) -> dict:
+    return {"object": "list", "data": [_card(_state(request))]}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=guarded)
+async def model(request: Request, model_id: str) -> dict:
+    state = _state(request)
+    if model_id not in state.model_names:
+        raise APIError(404, f"the model '{model_id}' does not exist; this server serves "
+                       f"{', '.join(repr(n) for n in state.model_names)}", "model", "model_not_found")
+    return _card(state)
 
 
 @router.get("/health")
@@ -185,29 +231,37 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:  # un
     return JSONResponse(p.error_body(message, "invalid_request_error"), e.status_code, headers=e.headers)
 
 
+async def _engine_failure(request: Request, e: EngineFailure) -> JSONResponse:
+    return JSONResponse(p.error_body(f"the engine failed this request: {e}", "server_error"), 500)
+
+
 async def _server_error(request: Request, e: Exception) -> JSONResponse:
     return JSONResponse(p.error_body(f"internal server error: {type(e).__name__}", "server_error"), 500)
 
 
-def create_app(load_engine: Callable[[], Engine], model_name: str, api_keys: Sequence[str] = (),
+def create_app(load_engine: Callable[[], Engine], model_name: str | Sequence[str], api_keys: Sequence[str] = (),
                cors_origins: Sequence[str] = ()) -> FastAPI:
     """An app serving the engine that ``load_engine`` builds (in a background thread, at startup) as
-    ``model_name``. With api_keys, every route but / and /health needs ``Authorization: Bearer <key>``."""
-    state = _State(model_name, list(api_keys), Metrics(), int(time.time()))
+    ``model_name`` (or several names: the first is the one responses carry, the others are aliases). With
+    api_keys, every route but / and /health needs ``Authorization: Bearer <key>``."""
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"model names must be non-empty strings, got {model_name!r}")
+    state = _State(names, list(api_keys), Metrics(), int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         def load() -> None:
             try:
-                state.serving = Serving(AsyncEngine(load_engine()), state.metrics, model_name)
-                log.info("model %s loaded", model_name)
+                state.serving = Serving(AsyncEngine(load_engine()), state.metrics, names)
+                log.info("model %s loaded", names[0])
             except BaseException as e:
                 state.load_error = f"{type(e).__name__}: {e}"
                 log.exception("loading the model failed")
         threading.Thread(target=load, name="codegen2-load", daemon=True).start()
         yield
         if state.serving is not None:
-            state.serving.engine.shutdown()
+            state.serving.shutdown()
 
     app = FastAPI(title="codegen2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.codegen2 = state
@@ -217,6 +271,7 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, api_keys: Seq
                            allow_headers=["Authorization", "Content-Type"])
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(InvalidRequest, _invalid_request)
+    app.add_exception_handler(EngineFailure, _engine_failure)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
     app.include_router(router)

@@ -84,9 +84,19 @@ class ExtraChunk(_Llama):
     text: str = ""
 
 
+# llama.cpp's sampler names -> our stages. Its dry, top_n_sigma, typ_p and xtc samplers do nothing at their
+# defaults and this server takes none of their parameters, so in a chain they are skipped.
+LLAMA_SAMPLERS = {"penalties": "penalties", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                  "temperature": "temperature", "infill": "infill", "dry": None, "top_n_sigma": None, "typ_p": None,
+                  "xtc": None}
+LLAMA_SAMPLER_CHARS = {"e": "penalties", "d": "dry", "k": "top_k", "y": "typ_p", "p": "top_p", "s": "top_n_sigma",
+                       "m": "min_p", "x": "xtc", "t": "temperature", "i": "infill"}
+LLAMA_DEFAULT_SAMPLERS = ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"]
+
+
 class LlamaCompletionRequest(_Llama):
     prompt: str | list[int] = ""
-    n_predict: int = -1  # -1: until a stop or the context is full
+    n_predict: int = -1  # -1: until a stop or the context is full; 0: only put the prompt in the cache
     temperature: float = 0.8  # llama.cpp's sampling defaults
     top_k: int = 40
     top_p: float = 0.95
@@ -94,18 +104,59 @@ class LlamaCompletionRequest(_Llama):
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    samplers: list[str] | str | None = None  # the chain, in order (names, or llama.cpp's one-letter codes)
     stop: list[str] = []
     seed: int = -1  # -1: random
+    n_cmpl: int | None = None  # completions of the prompt (llama.cpp also reads n)
+    n: int | None = None
+    n_indent: int = 0  # after the first generated line, stop at a line indented less than this
+    n_probs: int = 0  # top-N log-probabilities of each generated token (completion_probabilities)
+    ignore_eos: bool = False
     stream: bool = False
+    return_tokens: bool = False  # fill "tokens" with the generated ids
+    response_fields: list[str] | None = None  # only these fields of the result ("a/b" paths, flattened)
     t_max_predict_ms: int = 0  # 0: no time budget
+    # Accepted as llama.cpp accepts them: t_max_prompt_ms is not implemented there either; this server always
+    # reuses cached prompts (cache_prompt) and picks the cache slot sharing the longest prefix (id_slot).
+    t_max_prompt_ms: int = -1
+    cache_prompt: bool = True
+    id_slot: int = -1
+
+    def chain(self) -> list[str]:
+        """The sampler chain in our stage names; InvalidRequest for an unknown sampler."""
+        names = LLAMA_DEFAULT_SAMPLERS if self.samplers is None else self.samplers
+        if isinstance(names, str):
+            if bad := [c for c in names if c not in LLAMA_SAMPLER_CHARS]:
+                raise InvalidRequest(f"unknown sampler code {bad[0]!r}; codes: {''.join(LLAMA_SAMPLER_CHARS)}",
+                                     "samplers")
+            names = [LLAMA_SAMPLER_CHARS[c] for c in names]
+        if bad := [x for x in names if x not in LLAMA_SAMPLERS]:
+            raise InvalidRequest(f"unknown sampler {bad[0]!r}; samplers: {', '.join(LLAMA_SAMPLERS)}", "samplers")
+        return list(dict.fromkeys(LLAMA_SAMPLERS[x] for x in names if LLAMA_SAMPLERS[x]))  # once each, in order
 
     def sampling_params(self, max_seq_len: int) -> SamplingParams:
-        """Raises InvalidRequest naming the bad field by llama.cpp's name for it."""
+        """Raises InvalidRequest naming the bad field by llama.cpp's name for it. n_predict 0 makes a one-token
+        params (the request is prefill-only, see serving.py)."""
+        n = self.n_cmpl if self.n_cmpl is not None else self.n if self.n is not None else 1
+        if self.n_probs < 0:
+            raise InvalidRequest(f"n_probs must be >= 0, got {self.n_probs}", "n_probs")
         return _build(lambda: SamplingParams(
-            max_tokens=max_seq_len if self.n_predict < 0 else self.n_predict, temperature=self.temperature,
+            max_tokens=max_seq_len if self.n_predict < 0 else max(self.n_predict, 1), temperature=self.temperature,
             top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repeat_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=self.stop,
-            seed=None if self.seed < 0 else self.seed), LLAMA_NAMES)
+            seed=None if self.seed < 0 else self.seed, n=n, min_indent=max(self.n_indent, 0),
+            logprobs=self.n_probs or None, ignore_eos=self.ignore_eos, samplers=self.chain()),
+            {**LLAMA_NAMES, "n": "n_cmpl" if self.n_cmpl is not None else "n"})
+
+    def generation_settings(self, params: SamplingParams, n_ctx: int, model: str) -> dict:
+        """llama.cpp's generation_settings: the values this request runs with (n_ctx as older llama.cpp had it,
+        which llama.vscode reads)."""
+        return {"n_ctx": n_ctx, "n_predict": self.n_predict, "model": model, "seed": self.seed,
+                "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                "repeat_penalty": self.repeat_penalty, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "stop": params.stop, "max_tokens": params.max_tokens,
+                "n_probs": self.n_probs, "ignore_eos": self.ignore_eos, "stream": self.stream,
+                "n_indent": self.n_indent, "samplers": params.samplers, "n_cmpl": params.n}
 
 
 def _build(make: Callable[[], SamplingParams], names: dict[str, str]) -> SamplingParams:
@@ -121,7 +172,9 @@ def _build(make: Callable[[], SamplingParams], names: dict[str, str]) -> Samplin
     return params
 
 
-LLAMA_NAMES = {"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty"}  # SamplingParams -> llama.cpp
+# SamplingParams -> llama.cpp names, for errors
+LLAMA_NAMES = {"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty", "min_indent": "n_indent",
+               "logprobs": "n_probs"}
 
 
 class InfillRequest(LlamaCompletionRequest):
@@ -159,20 +212,55 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def llama_final(out: CompletionOutput, model: str, n_prompt: int, truncated: bool,
-                times: tuple[float, float, float]) -> dict:
-    """llama.cpp's last response object for a whole completion. times: (start, first token, end) in seconds."""
+def llama_result(out: CompletionOutput, index: int, model: str, prompt: list[int], cached: int, truncated: bool,
+                 times: tuple[float, float, float], settings: dict, tok: Tokenizer, request: LlamaCompletionRequest
+                 ) -> dict:
+    """llama.cpp's final result object for one whole completion, filtered by response_fields.
+    cached: prompt tokens found in the cache; times: (start, first token, end) in seconds."""
     start, first, end = times
-    prompt_ms, predicted_ms, n = (first - start) * 1e3, (end - first) * 1e3, len(out.token_ids)
-    timings = {"prompt_n": n_prompt, "prompt_ms": prompt_ms,
-               "prompt_per_token_ms": prompt_ms / max(n_prompt, 1),
-               "prompt_per_second": n_prompt / max(prompt_ms / 1e3, 1e-9), "predicted_n": n,
+    n_prompt, computed, n = len(prompt), len(prompt) - cached, len(out.token_ids)
+    prompt_ms, predicted_ms = (first - start) * 1e3, max(end - first, 1e-6) * 1e3
+    timings = {"cache_n": cached, "prompt_n": computed, "prompt_ms": prompt_ms,
+               "prompt_per_token_ms": prompt_ms / max(computed, 1),
+               "prompt_per_second": computed / max(prompt_ms / 1e3, 1e-9), "predicted_n": n,
                "predicted_ms": predicted_ms, "predicted_per_token_ms": predicted_ms / max(n, 1),
                "predicted_per_second": n / max(predicted_ms / 1e3, 1e-9)}
     stop_word = out.stop_reason if isinstance(out.stop_reason, str) else ""
     stop_type = "limit" if out.finish_reason == "length" else "word" if stop_word else "eos"
-    return {"index": 0, "content": out.text, "tokens": out.token_ids, "id_slot": -1, "stop": True, "model": model,
-            "tokens_predicted": n, "tokens_evaluated": n_prompt, "has_new_line": "\n" in out.text,
-            "truncated": truncated, "stop_type": stop_type, "stopping_word": stop_word,
-            "stopped_eos": stop_type == "eos", "stopped_word": stop_type == "word",
-            "stopped_limit": stop_type == "limit", "timings": timings}
+    # What the slot's cache holds afterwards: the prompt and every generated token fed back, which is all of them
+    # when a stop token ended the completion (it is not part of it), else all but the last.
+    fed = n if isinstance(out.stop_reason, int) else max(n - 1, 0)
+    result = {"index": index, "content": out.text, "tokens": out.token_ids if request.return_tokens else [],
+              "id_slot": request.id_slot, "stop": True, "model": model, "tokens_predicted": n,
+              "tokens_evaluated": n_prompt, "generation_settings": settings, "prompt": tok.decode(prompt),
+              "has_new_line": "\n" in out.text, "truncated": truncated, "stop_type": stop_type,
+              "stopping_word": stop_word, "tokens_cached": n_prompt + fed, "timings": timings}
+    if request.n_probs and out.logprobs and not request.stream:
+        result["completion_probabilities"] = llama_probabilities(tok, out.logprobs)
+    return result if request.response_fields is None else select_fields(result, request.response_fields)
+
+
+def llama_probabilities(tok: Tokenizer, lps: list[TokenLogprob]) -> list[dict]:
+    """llama.cpp's completion_probabilities (current format, log-probabilities of the model's distribution)."""
+    def entry(token: int, logprob: float) -> dict:
+        piece = tok.token_bytes(token)
+        return {"id": token, "token": piece.decode("utf-8", errors="replace"), "bytes": list(piece),
+                "logprob": logprob}
+    return [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in lps]
+
+
+def select_fields(result: dict, paths: list[str]) -> dict:
+    """llama.cpp's response_fields: each "a/b" path looked up in the result and returned under its own name
+    ("timings/prompt_n": 12), in the order asked; paths that do not exist are left out."""
+    out = {}
+    for path in paths:
+        node, found = result, True
+        for key in path.split("/"):
+            if isinstance(node, dict) and key in node:
+                node = node[key]
+            else:
+                found = False
+                break
+        if found:
+            out[path] = node
+    return out

@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import replace
 
@@ -41,6 +42,10 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
 
+class EngineFailure(Exception):
+    """The engine failed a request (its other requests go on): a 500 for this request only."""
+
+
 class _Job:
     """One HTTP request's generation: an engine request per prompt, their deltas merged per choice.
 
@@ -57,6 +62,8 @@ class _Job:
         self.start = time.perf_counter()
         self.first: float | None = None
         self.end: float | None = None
+        self.cached = 0  # prompt tokens found in the KV cache (the first prompt's)
+        self.error: str | None = None
 
     def usage(self) -> dict:
         return p.usage(sum(len(r.prompt_ids) for r in self.prepared),
@@ -102,6 +109,10 @@ class _Job:
                 if isinstance(out, BaseException):
                     raise out
                 now, left = time.perf_counter(), left - out.finished
+                if i == 0:
+                    self.cached = out.cached_prompt_tokens
+                if out.error is not None:  # the engine failed this request: an error, never a partial answer
+                    raise EngineFailure(out.error)
                 if self.first is None:
                     self.first = now
                     self.metrics.ttft.observe(now - self.start)
@@ -129,16 +140,22 @@ class _Job:
             self.metrics.tokens.update(prompt=usage["prompt_tokens"], generation=usage["completion_tokens"])
 
 
+def _json(obj) -> str:
+    # Compact, like llama.cpp: llama.vim only takes a response whose text matches '"content":"'.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
 def _sse(events: AsyncIterator[dict], done: bool) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
+                yield f"data: {_json(event)}\n\n"
             if done:
                 yield "data: [DONE]\n\n"
         except Exception as e:  # the status line is gone already: the error becomes the last event
-            log.exception("stream failed")
-            yield f"data: {json.dumps(p.error_body(str(e), 'server_error'))}\n\n"
+            if not isinstance(e, EngineFailure):
+                log.exception("stream failed")
+            yield f"data: {_json(p.error_body(str(e), 'server_error'))}\n\n"
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -150,19 +167,28 @@ async def _drain(job: _Job) -> None:
 
 
 class Serving:
-    """The completions of both APIs over one AsyncEngine, served as ``model_name``."""
+    """The completions of both APIs over one AsyncEngine, served as ``model_names[0]`` (requests may name any)."""
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, model_name: str) -> None:
-        self.engine, self.metrics, self.model_name = engine, metrics, model_name
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, model_names: list[str]) -> None:
+        self.engine, self.metrics, self.model_names = engine, metrics, model_names
+        self.model_name = model_names[0]
         self.tokenizer, self.max_seq_len = engine.engine.tokenizer, engine.engine.max_seq_len
+        self._tokenizing = ThreadPoolExecutor(2, thread_name_prefix="codegen2-prompt")
 
-    async def _prepare(self, prompts: list, params: SamplingParams, fit: bool = False) -> list[PreparedRequest]:
-        # In a thread: tokenizing a long prompt must not stall the event loop, which feeds every other stream.
-        return await asyncio.to_thread(lambda: [self.engine.engine.prepare(x, params, fit) for x in prompts])
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    async def _prepare(self, prompts: list, params: SamplingParams, fit: bool = False,
+                       prefill_only: bool = False) -> list[PreparedRequest]:
+        # In a worker thread: tokenizing a long prompt must not stall the event loop, which feeds every other
+        # stream. Two workers of its own, so a few large prompts cannot take the loop's default pool.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizing, lambda: [self.engine.engine.prepare(x, params, fit, prefill_only) for x in prompts])
 
     async def completions(self, request: Request, body: p.CompletionRequest):
         """OpenAI's /v1/completions; ``suffix`` makes every prompt an infill."""
-        if body.model not in (None, self.model_name):
+        if body.model is not None and body.model not in self.model_names:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
                            "model", "model_not_found")
         params = body.sampling_params(self.max_seq_len)
@@ -209,33 +235,41 @@ class Serving:
         return _sse(events(), done=True)
 
     async def llama(self, request: Request, body: p.LlamaCompletionRequest):
-        """llama.cpp's /completion, and /infill for a p.InfillRequest (too long a file is cut to fit, as there)."""
+        """llama.cpp's /completion, and /infill for a p.InfillRequest (too long a file is cut to fit, as there).
+        n_predict 0 only puts the prompt in the cache (the editors' context warm-up); n_cmpl > 1 answers a list."""
         params = body.sampling_params(self.max_seq_len)
+        prefill_only = body.n_predict == 0
         if isinstance(body, p.InfillRequest):
             if not isinstance(body.prompt, str):
                 raise InvalidRequest("prompt must be text for /infill (the code right before the hole)", "prompt")
             context = "".join(c.text if c.text.endswith("\n") or not c.text else c.text + "\n"
                               for c in body.input_extra)
             prompt = Infill(context + body.input_prefix + body.prompt, body.input_suffix)
-            (prepared,) = await self._prepare([prompt], params, fit=True)
+            (prepared,) = await self._prepare([prompt], params, fit=True, prefill_only=prefill_only)
         else:
-            (prepared,) = await self._prepare([body.prompt], params)
+            (prepared,) = await self._prepare([body.prompt], params, prefill_only=prefill_only)
         job = _Job(self.engine, self.metrics, request, [prepared], body.t_max_predict_ms or None)
-        n_prompt = len(prepared.prompt_ids)
+        settings = body.generation_settings(prepared.params, self.max_seq_len, self.model_name)
 
-        def final() -> dict:
-            o = job.outputs.get(0) or CompletionOutput(0, "", [], "stop")
-            return p.llama_final(o, self.model_name, n_prompt, prepared.truncated, job.times())
+        def results() -> dict | list[dict]:
+            empty = CompletionOutput(0, "", [], "length" if prefill_only else "stop")
+            out = [p.llama_result(job.outputs.get(c, replace(empty, index=c)), c, self.model_name,
+                                  prepared.prompt_ids, job.cached, prepared.truncated, job.times(), settings,
+                                  self.tokenizer, body) for c in range(prepared.params.n)]
+            return out[0] if len(out) == 1 else out
         if not body.stream:
             await _drain(job)
-            return JSONResponse(final())
+            return JSONResponse(results())
 
         async def events() -> AsyncIterator[dict]:
             async with aclosing(job.run()) as outputs:
                 async for changed in outputs:
-                    for _, d in changed:
+                    for c, d in changed:
                         if d.text:
-                            yield {"index": 0, "content": d.text, "tokens": [], "stop": False, "id_slot": -1,
-                                   "tokens_predicted": len(job.outputs[0].token_ids), "tokens_evaluated": n_prompt}
-            yield {**final(), "content": ""}  # llama.cpp's last event: the text was streamed already
+                            yield {"index": c, "content": d.text, "tokens": [], "stop": False,
+                                   "id_slot": body.id_slot, "tokens_predicted": len(job.outputs[c].token_ids),
+                                   "tokens_evaluated": len(prepared.prompt_ids)}
+            final = results()
+            for r in final if isinstance(final, list) else [final]:  # llama.cpp's last events: text already sent
+                yield {**r, "content": ""} if "content" in r else r
         return _sse(events(), done=False)
