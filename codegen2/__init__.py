@@ -14,6 +14,7 @@ _PUBLIC = {
     "RequestOutput": "codegen2.engine.engine",
     "CompletionOutput": "codegen2.engine.engine",
     "InvalidRequest": "codegen2.engine.errors",
+    "SpeculativeConfig": "codegen2.engine.speculative",
     "prepare_for_inference": "codegen2.kernels",
     "Infill": "codegen2.infill",
     "infill_prompt": "codegen2.infill",

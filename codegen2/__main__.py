@@ -47,6 +47,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="none", choices=["none", "int8"],
                    help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (about 2x faster "
                         "decode on CPU)")
+    p.add_argument("--speculative", metavar="ngram|draft:DIR",
+                   help="speculative decoding: prompt lookup (ngram) or a smaller draft model with the same tokenizer")
+    p.add_argument("--num-speculative-tokens", type=int, default=5, help="drafts per step (default 5)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -79,7 +82,8 @@ def _run(args: argparse.Namespace, prompt_kind: str) -> None:
         prompt = Infill(_read(args.prefix_file) if args.prefix_file else (args.prefix or ""),
                         _read(args.suffix_file) if args.suffix_file else (args.suffix or ""))
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
-                                    mp_num=args.mp_num, max_batch=1)
+                                    mp_num=args.mp_num, speculative=args.speculative,
+                                    num_speculative_tokens=args.num_speculative_tokens, max_batch=1)
     engine.add_request(prompt, params)
     n_tokens, reason = 0, None
     while engine.has_unfinished():

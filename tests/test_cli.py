@@ -46,6 +46,21 @@ def test_complete_matches_transformers(model_dir):
     assert "finish_reason=" in out.stderr
 
 
+def test_speculative_decoding_gives_the_same_text(model_dir, llama_dir):
+    """--speculative ngram and draft:DIR (a model of the other family: same vocabulary, its quality does not
+    matter for greedy exactness) give transformers' greedy text."""
+    prompt = "x = [1, 2, 3, 1, 2, 3, 1, 2"
+    tok = CodeGen2Tokenizer()
+    ref = reference_greedy(model_dir, tok.encode(prompt), 16, {50256}) + "\n"
+    for spec in ("ngram", f"draft:{llama_dir}"):
+        out = run("complete", "--model", str(model_dir), "--dtype", "fp32", "--max-tokens", "16", "--speculative",
+                  spec, "--num-speculative-tokens", "3", prompt)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == ref
+    bad = run("complete", "--model", str(model_dir), "--speculative", "beam", prompt)
+    assert bad.returncode != 0 and "speculative must be 'ngram' or 'draft:DIR'" in bad.stderr
+
+
 def test_infill_from_file_and_line(model_dir, tmp_path):
     source = "import os\n\ndef main():\n    pass\n"
     (tmp_path / "x.py").write_text(source)

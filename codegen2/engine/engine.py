@@ -29,9 +29,16 @@ from torch import nn
 from codegen2.engine.detokenize import TextStream
 from codegen2.engine.prompt import PreparedRequest, Prompt, prepare_request
 from codegen2.engine.runner import ModelRunner
-from codegen2.engine.sampling import InfillVocab, SamplingParams, sample_batch
+from codegen2.engine.sampling import (
+    InfillVocab,
+    SamplingParams,
+    sample_batch,
+    token_logprobs,
+    verify_row,
+)
 from codegen2.engine.scheduler import Scheduler, Sequence
-from codegen2.models.checkpoint import check_device
+from codegen2.engine.speculative import DraftProposer, NgramProposer, SpeculativeConfig
+from codegen2.models.checkpoint import check_device  # noqa: F401  (the server reaches models only through the engine)
 from codegen2.models.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -74,6 +81,8 @@ class RequestOutput:
     finished: bool  # every completion of the request has finished
     cached_prompt_tokens: int = 0  # prompt tokens found in the KV cache instead of computed (0 until admitted)
     error: str | None = None  # set when the engine failed this request (its completions end with "abort")
+    draft_tokens: int = 0  # speculative decoding: drafts proposed for the request so far
+    accepted_draft_tokens: int = 0  # ... and kept
 
 
 @dataclass
@@ -85,6 +94,8 @@ class EngineStats:
     cached_tokens: int  # tokens of the running sequences held in the cache
     max_seq_len: int
     reused_tokens: int  # prompt tokens served from the cache instead of prefilled, since the start
+    draft_tokens: int = 0  # speculative decoding: drafts proposed since the start
+    accepted_draft_tokens: int = 0  # ... and kept
 
 
 @dataclass(eq=False)
@@ -98,6 +109,8 @@ class _Stream:
     new_logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None
     reported: bool = False  # the final output was delivered
+    drafted: int = 0  # speculative decoding: drafts proposed, and kept
+    accepted: int = 0
 
 
 @dataclass(eq=False)
@@ -110,9 +123,11 @@ class _Request:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 16, max_seq_len: int | None = None,
-                 kv_cache_bytes: int = 4 << 30, prefill_chunk: int = 256) -> None:
+                 kv_cache_bytes: int = 4 << 30, prefill_chunk: int = 256,
+                 speculative: SpeculativeConfig | None = None) -> None:
         """max_batch sequences run at once, each with a KV-cache slot of max_seq_len positions (default: the
-        model's context), as many as fit in kv_cache_bytes; further requests wait in a queue."""
+        model's context), as many as fit in kv_cache_bytes; further requests wait in a queue. speculative: draft
+        tokens proposed by prompt lookup or a draft model and verified in the decode pass (speculative.py)."""
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -129,19 +144,45 @@ class Engine:
         self._pending: list[RequestOutput] = []  # finals of aborted requests, delivered by the next step
         self._ids = itertools.count()
         self._vocab: InfillVocab | None = None  # for the infill sampling stage, built on first use
+        self.speculative, self._proposer = speculative, None
+        if speculative is not None and speculative.method == "ngram":
+            self._proposer = NgramProposer(speculative)
+        elif speculative is not None:
+            draft_cfg = speculative.draft.config
+            if draft_cfg.vocab_size != cfg.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft_cfg.vocab_size}) is not the model's "
+                                 f"({cfg.vocab_size}): a draft must share the tokenizer")
+            if draft_cfg.max_seq_len < self.max_seq_len:
+                raise ValueError(f"the draft model's context ({draft_cfg.max_seq_len}) is shorter than the "
+                                 f"engine's ({self.max_seq_len})")
+            self._vocab = InfillVocab.of(tokenizer)
+            self._proposer = DraftProposer(speculative, n_slots, self.max_seq_len, self._vocab, prefill_chunk)
+        self._drafted = self._accepted = 0
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, dtype: str = "bf16", device: str = "cpu", quant: str | None = None,
-                        mp_num: int | None = None, **engine_args) -> Engine:
+                        mp_num: int | None = None, speculative: str | None = None, num_speculative_tokens: int = 5,
+                        **engine_args) -> Engine:
         """Load a checkpoint directory or hub id, apply the weight format ``quant`` and the native kernels
-        (codegen2.kernels), load its tokenizer, and build an engine (``engine_args``: see ``Engine``)."""
+        (codegen2.kernels), load its tokenizer, and build an engine (``engine_args``: see ``Engine``).
+        speculative: "ngram" (prompt lookup) or "draft:DIR" (a smaller model with the same tokenizer, loaded the
+        same way), proposing num_speculative_tokens drafts per step."""
         from codegen2.kernels import prepare_for_inference
         from codegen2.models.checkpoint import load_model, resolve
         from codegen2.tokenizer import load_tokenizer
 
+        spec = None
+        if speculative is not None:
+            method, _, where = speculative.partition(":")
+            if method not in ("ngram", "draft") or (method == "draft") != bool(where):
+                raise ValueError(f"speculative must be 'ngram' or 'draft:DIR', got {speculative!r}")
+            draft = None
+            if method == "draft":
+                draft = prepare_for_inference(load_model(resolve(where), dtype=dtype, device=device), quant)
+            spec = SpeculativeConfig(method, num_speculative_tokens, draft=draft)
         directory = resolve(model)
         loaded = prepare_for_inference(load_model(directory, dtype=dtype, device=device, mp_num=mp_num), quant)
-        return cls(loaded, load_tokenizer(directory), **engine_args)
+        return cls(loaded, load_tokenizer(directory), speculative=spec, **engine_args)
 
     # --- requests ---------------------------------------------------------------------------------------------
 
@@ -191,7 +232,8 @@ class Engine:
         return EngineStats(waiting=len(s.waiting) + sum(map(len, s.held.values())), running=len(s.running),
                            slots=s.n_slots, slots_used=s.n_slots - len(s.free),
                            cached_tokens=sum(q.n_cached for q in s.running), max_seq_len=s.max_seq_len,
-                           reused_tokens=s.reused_tokens)
+                           reused_tokens=s.reused_tokens, draft_tokens=self._drafted,
+                           accepted_draft_tokens=self._accepted)
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
@@ -210,12 +252,13 @@ class Engine:
         logits: list[torch.Tensor] = []
         touched: dict[str, _Request] = {}
         if batch.decode:
-            seqs, out = self._decode(batch.decode)
+            touched.update((s.request_id, self._requests[s.request_id]) for s in batch.decode)
+            plain = self._speculate(batch.decode) if self._proposer is not None else batch.decode
+            seqs, out = self._decode(plain) if plain else ([], [])
             for seq in seqs:
                 self.scheduler.decoded(seq)
             rows += seqs
             logits += out
-            touched.update((s.request_id, self._requests[s.request_id]) for s in batch.decode)
         if batch.prefill is not None:
             chunk, seq = batch.prefill, batch.prefill.seq
             try:
@@ -246,6 +289,51 @@ class Engine:
             if out.finished:
                 self._forget(request)
         return outputs
+
+    def _speculate(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Propose drafts for the decode rows and verify them in one pass; return the rows left for the plain
+        decode pass (all of them when nothing was proposed)."""
+        ks = [max(0, min(self.speculative.num_tokens, s.params.max_tokens - len(s.output) - 1,
+                         self.max_seq_len - len(s.tokens) - 1)) for s in seqs]
+        try:
+            if isinstance(self._proposer, DraftProposer):
+                proposals = self._proposer.propose(seqs, ks, [self._streams[s].generator for s in seqs])
+            else:
+                proposals = self._proposer.propose(seqs, ks)
+        except Exception:  # noqa: BLE001 - a proposer that fails costs the speedup, never a request
+            log.exception("the speculative proposer failed; decoding without drafts this step")
+            return seqs
+        if not any(d for d, _ in proposals):
+            return seqs
+        rows = [[s.output[-1], *d] for s, (d, _) in zip(seqs, proposals)]
+        try:
+            logits = self.runner.verify([s.slot for s in seqs], rows, [len(s.tokens) - 1 for s in seqs])
+        except Exception:  # noqa: BLE001 - the plain pass finds the rows at fault
+            log.exception("the speculative verification failed; decoding without drafts this step")
+            return seqs
+        for b, (seq, (drafts, qs)) in enumerate(zip(seqs, proposals)):
+            stream, params = self._streams[seq], seq.params
+            try:
+                kept = verify_row(logits[b], drafts, qs, params, (seq.prompt, seq.output), stream.generator,
+                                  self._vocab if "infill" in params.order else None)
+                lps = token_logprobs(logits[b], kept, params.logprobs) if params.logprobs is not None else None
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e)
+                continue
+            accepted = len(kept) - 1  # drafts kept; the last token is the target's own
+            self._proposer.verified(seq, len(seq.tokens), accepted)
+            stream.drafted, stream.accepted = stream.drafted + len(drafts), stream.accepted + accepted
+            self._drafted, self._accepted = self._drafted + len(drafts), self._accepted + accepted
+            # The pass wrote K/V for the last token and every draft; those of the kept drafts are valid.
+            seq.n_cached = len(seq.tokens) + accepted
+            for i, token in enumerate(kept):
+                try:
+                    self._accept(seq, token, *(lps[i] if lps is not None else (None, None)))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(seq, e)
+                if seq.finished:
+                    break
+        return []
 
     def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[torch.Tensor]]:
         """One decode pass for seqs -> (the seqs that succeeded, their logits as one (B, V) tensor or none)."""
@@ -355,13 +443,17 @@ class Engine:
             stream.new_ids, stream.new_text = [], ""
             stream.new_logprobs = [] if stream.new_logprobs is not None else None
             stream.reported = seq.finished
+        streams = [self._streams[s] for s in request.seqs]
         return RequestOutput(request.id, request.prompt_ids, outs, all(s.finished for s in request.seqs),
-                             request.seqs[0].reused, request.error)
+                             request.seqs[0].reused, request.error, sum(s.drafted for s in streams),
+                             sum(s.accepted for s in streams))
 
     def _forget(self, request: _Request) -> None:
         self._requests.pop(request.id, None)
         for seq in request.seqs:
             self._streams.pop(seq, None)
+            if self._proposer is not None:
+                self._proposer.forget(seq)
 
 
 def merge(whole: RequestOutput, delta: RequestOutput) -> None:
@@ -376,3 +468,4 @@ def merge(whole: RequestOutput, delta: RequestOutput) -> None:
     whole.outputs = [by_index[i] for i in sorted(by_index)]
     whole.finished, whole.cached_prompt_tokens = delta.finished, delta.cached_prompt_tokens
     whole.error = delta.error or whole.error
+    whole.draft_tokens, whole.accepted_draft_tokens = delta.draft_tokens, delta.accepted_draft_tokens

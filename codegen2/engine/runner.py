@@ -35,5 +35,17 @@ class ModelRunner:
         pos = torch.arange(start, start + len(tokens), device=self.device)[None]  # (1, T)
         return self.model(x, pos, self.cache.rows([slot]), last_only=True)[:, -1]
 
+    @torch.inference_mode()
+    def verify(self, slots: list[int], rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Row b's tokens at positions starts[b].. in slot b, rows padded to the longest -> fp32 logits
+        (B, T, V) of every position (a padded position's are garbage: position -1 writes the scratch column)."""
+        T = max(map(len, rows))
+        x = torch.zeros(len(rows), T, dtype=torch.long)
+        pos = torch.full((len(rows), T), -1, dtype=torch.long)
+        for b, (row, start) in enumerate(zip(rows, starts)):
+            x[b, :len(row)] = torch.tensor(row)
+            pos[b, :len(row)] = torch.arange(start, start + len(row))
+        return self.model(x.to(self.device), pos.to(self.device), self.cache.rows(slots))
+
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_prefix(src, dst, length)

@@ -338,3 +338,74 @@ def _with_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], chose
             ids, vals = rest[w * n:w * n + k], rest[len(want) * n + w * n:len(want) * n + w * n + k]
             out[b].logprob, out[b].top = picked[w], [(int(i), v) for i, v in zip(ids, vals)]
     return out
+
+
+# --- speculative decoding: the rejection rule --------------------------------------------------------------------
+
+Draft = tuple[torch.Tensor, torch.Tensor]  # a draft model's distribution for one token: (candidate ids, probs)
+
+
+def draft_distribution(logits: torch.Tensor, params: SamplingParams, history: tuple[Sequence[int], Sequence[int]],
+                       vocab: InfillVocab | None, generator: torch.Generator | None) -> tuple[int, Draft]:
+    """A draft model's proposal for one position: a token drawn from its logits (V,) by the request's own
+    stages, and the distribution it was drawn from (what the rejection rule needs as q)."""
+    ids, vals = _candidates(logits, params, history, vocab)
+    ids = torch.arange(len(vals), device=vals.device) if ids is None else ids
+    return int(_draw(ids, vals, generator)), (ids, torch.softmax(vals, 0, dtype=torch.float64))
+
+
+def _prob_of(ids: torch.Tensor, probs: torch.Tensor, token: int) -> float:
+    hit = torch.nonzero(ids == token)
+    return float(probs[hit[0, 0]]) if len(hit) else 0.0
+
+
+def verify_row(logits: torch.Tensor, drafts: Sequence[int], qs: Sequence[Draft] | None, params: SamplingParams,
+               history: tuple[Sequence[int], Sequence[int]], generator: torch.Generator | None,
+               vocab: InfillVocab | None = None) -> list[int]:
+    """The tokens one sequence keeps from a speculative step: the accepted drafts, then one token of the target's.
+
+    logits (len(drafts) + 1, V): the target's at the last kept token and at each draft; position j's distribution
+    p_j comes from the request's stages with the drafts before j in the history (penalties see them). Draft j is
+    kept with probability min(1, p_j(d) / q_j(d)), q_j its proposer's distribution (a lookup proposes with
+    certainty: q_j(d) = 1); at the first rejection the token is drawn from max(p_j - q_j, 0) renormalised, and
+    after k acceptances from p_k. This keeps the target's distribution exactly (Leviathan et al., 2023; Chen et
+    al., 2023); under greedy decoding p_j is one-hot, so a draft is kept exactly when it is the target's argmax."""
+    prompt, output = history
+    out, kept = list(output), []
+    for j in range(len(drafts) + 1):
+        ids, vals = _candidates(logits[j], params, (prompt, out), vocab)
+        if j == len(drafts):
+            kept.append(int(_draw(ids, vals, generator)))
+            break
+        ids = torch.arange(len(vals), device=vals.device) if ids is None else ids
+        p = torch.softmax(vals, 0, dtype=torch.float64)
+        d, p_d = drafts[j], _prob_of(ids, p, drafts[j])
+        q_d = 1.0 if qs is None else _prob_of(*qs[j], d)
+        accept = p_d >= q_d or (p_d > 0 and float(torch.rand(1, generator=generator, dtype=torch.float64,
+                                                               device=vals.device)) * q_d < p_d)
+        if accept:
+            kept.append(d)
+            out.append(d)
+            continue
+        # The residual max(p - q, 0) over the union of both candidate sets, dense over the vocabulary.
+        dense = torch.zeros(logits.shape[-1], dtype=torch.float64, device=vals.device).index_add_(0, ids, p)
+        if qs is None:
+            dense[d] = 0.0
+        else:
+            dense.index_add_(0, qs[j][0], -qs[j][1]).clamp_(min=0.0)
+        if not float(dense.sum()) > 0:  # p == q: nothing left to correct with, p itself
+            dense = torch.zeros_like(dense).index_add_(0, ids, p)
+        support = torch.nonzero(dense).squeeze(-1)
+        kept.append(int(_draw(support, torch.log(dense[support]).float(), generator)))
+        break
+    return kept
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """(log-probability, top-n pairs) of each token under its row of logits (T, V): the model's own distribution."""
+    logp = torch.log_softmax(logits[:len(tokens)].float(), dim=-1)
+    picked = logp.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    if not n:
+        return [(x, []) for x in picked]
+    top = torch.topk(logp, n, dim=-1)
+    return [(x, list(zip(i, v))) for x, i, v in zip(picked, top.indices.tolist(), top.values.tolist())]

@@ -47,6 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--quant", default="none", choices=["none", "int8"],
                    help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (faster CPU decode)")
+    p.add_argument("--speculative", metavar="ngram|draft:DIR",
+                   help="speculative decoding: prompt lookup (ngram) or a smaller draft model with the same tokenizer")
+    p.add_argument("--num-speculative-tokens", type=int, default=5, help="drafts per sequence and step")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="let browser pages from this origin call the API (repeatable, '*' for any); off by default")
 
@@ -95,7 +98,9 @@ def run(args: argparse.Namespace) -> None:
         try:
             return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
                                           max_batch=args.max_concurrency, max_seq_len=args.max_model_len,
-                                          kv_cache_bytes=int(args.kv_cache_gib * 2**30))
+                                          kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+                                          speculative=args.speculative,
+                                          num_speculative_tokens=args.num_speculative_tokens)
         except BaseException:
             server.should_exit = True  # a server without a model only answers 503: stop instead
             raise

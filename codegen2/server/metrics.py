@@ -53,4 +53,8 @@ class Metrics:
                 lines += _metric(f"codegen2_{name}", "gauge", name.replace("_", " ") + ".", {"": value})
             lines += _metric("codegen2_prefix_cache_tokens_total", "counter", "prompt tokens reused from the cache.",
                              {"": stats.reused_tokens})
+            lines += _metric("codegen2_draft_tokens_total", "counter", "speculative drafts proposed.",
+                             {"": stats.draft_tokens})
+            lines += _metric("codegen2_draft_tokens_accepted_total", "counter", "speculative drafts kept.",
+                             {"": stats.accepted_draft_tokens})
         return "\n".join(lines) + "\n"

@@ -213,10 +213,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def llama_result(out: CompletionOutput, index: int, model: str, prompt: list[int], cached: int, truncated: bool,
-                 times: tuple[float, float, float], settings: dict, tok: Tokenizer, request: LlamaCompletionRequest
-                 ) -> dict:
+                 times: tuple[float, float, float], settings: dict, tok: Tokenizer, request: LlamaCompletionRequest,
+                 drafts: tuple[int, int] = (0, 0)) -> dict:
     """llama.cpp's final result object for one whole completion, filtered by response_fields.
-    cached: prompt tokens found in the cache; times: (start, first token, end) in seconds."""
+    cached: prompt tokens found in the cache; times: (start, first token, end) in seconds; drafts: speculative
+    tokens (proposed, kept), reported as llama.cpp does (timings.draft_n, draft_n_accepted) when there were any."""
     start, first, end = times
     n_prompt, computed, n = len(prompt), len(prompt) - cached, len(out.token_ids)
     prompt_ms, predicted_ms = (first - start) * 1e3, max(end - first, 1e-6) * 1e3
@@ -225,6 +226,8 @@ def llama_result(out: CompletionOutput, index: int, model: str, prompt: list[int
                "prompt_per_second": computed / max(prompt_ms / 1e3, 1e-9), "predicted_n": n,
                "predicted_ms": predicted_ms, "predicted_per_token_ms": predicted_ms / max(n, 1),
                "predicted_per_second": n / max(predicted_ms / 1e3, 1e-9)}
+    if drafts[0]:
+        timings["draft_n"], timings["draft_n_accepted"] = drafts
     stop_word = out.stop_reason if isinstance(out.stop_reason, str) else ""
     stop_type = "limit" if out.finish_reason == "length" else "word" if stop_word else "eos"
     # What the slot's cache holds afterwards: the prompt and every generated token fed back, which is all of them

@@ -63,6 +63,7 @@ class _Job:
         self.first: float | None = None
         self.end: float | None = None
         self.cached = 0  # prompt tokens found in the KV cache (the first prompt's)
+        self.drafts = (0, 0)  # speculative decoding: (proposed, kept), the first prompt's
         self.error: str | None = None
 
     def usage(self) -> dict:
@@ -111,6 +112,7 @@ class _Job:
                 now, left = time.perf_counter(), left - out.finished
                 if i == 0:
                     self.cached = out.cached_prompt_tokens
+                    self.drafts = (out.draft_tokens, out.accepted_draft_tokens)
                 if out.error is not None:  # the engine failed this request: an error, never a partial answer
                     raise EngineFailure(out.error)
                 if self.first is None:
@@ -255,7 +257,7 @@ class Serving:
             empty = CompletionOutput(0, "", [], "length" if prefill_only else "stop")
             out = [p.llama_result(job.outputs.get(c, replace(empty, index=c)), c, self.model_name,
                                   prepared.prompt_ids, job.cached, prepared.truncated, job.times(), settings,
-                                  self.tokenizer, body) for c in range(prepared.params.n)]
+                                  self.tokenizer, body, job.drafts) for c in range(prepared.params.n)]
             return out[0] if len(out) == 1 else out
         if not body.stream:
             await _drain(job)
