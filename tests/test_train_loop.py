@@ -59,8 +59,12 @@ def corpus(tmp_path_factory) -> Path:
 TINY = {"n_layers": 2, "dim": 32, "n_heads": 4, "rotary_dim": 4, "max_seq_len": 256}
 
 
-def write_config(path: Path, corpus: Path, out: Path, **sections) -> Path:
-    lines = ["[model]", 'family = "codegen2"', "shape = { " + ", ".join(f"{k} = {v}" for k, v in TINY.items()) + " }",
+def write_config(path: Path, corpus: Path, out: Path, lora_base: Path | None = None, **sections) -> Path:
+    """The tiny run used throughout; with lora_base, LoRA (rank 4) on that checkpoint instead of a new model."""
+    model = ['family = "codegen2"', "shape = { " + ", ".join(f"{k} = {v}" for k, v in TINY.items()) + " }"]
+    if lora_base is not None:
+        model = [f'init_from = "{lora_base}"', "[lora]", "rank = 4", "alpha = 8.0"]
+    lines = ["[model]", *model,
              "[data]", f'corpus = "{corpus}"', "seq_len = 128",
              "[optim]", "lr = 3e-3", "warmup_steps = 2", "max_steps = 8", "batch_size = 4", "micro_batch_size = 2",
              "[run]", f'out_dir = "{out}"', "log_every = 1", "eval_every = 4", "eval_rows = 4", "infill_examples = 2",
@@ -83,6 +87,8 @@ def metrics(out: Path) -> list[dict]:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    if (out / "adapter").is_dir():  # a LoRA run
+        return load_file(str(out / "adapter" / "adapter_model.safetensors"))
     return load_file(str(out / "model" / "model.safetensors"))
 
 
@@ -131,12 +137,14 @@ def test_bad_run_settings_are_refused(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus, codegen_dir, kind):
+    lora_base = codegen_dir if kind == "lora" else None
     ref = tmp_path / "ref"
-    r = run_train("--config", str(write_config(tmp_path / "ref.toml", corpus, ref)))
+    r = run_train("--config", str(write_config(tmp_path / "ref.toml", corpus, ref, lora_base)))
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed"
-    cfg = write_config(tmp_path / "killed.toml", corpus, killed)
+    cfg = write_config(tmp_path / "killed.toml", corpus, killed, lora_base)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "codegen2.train", "--config", str(cfg)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,7 +158,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
     proc.wait()
     steps_done = max(json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines())
     assert steps_done < 8, "the run finished before it could be killed"
-    assert not (killed / "model").exists()
+    assert not (killed / "model").exists() and not (killed / "adapter").exists()
     r = run_train("--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
@@ -161,6 +169,10 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
     assert losses(ref) == losses(killed) and len(losses(ref)) == 8
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_00000007.pt", "step_00000008.pt"]
     assert (ref / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if kind == "lora":  # the checkpoints hold the adapters (2 layers x 4 linears x A, B) and nothing else
+        state = torch.load(killed / "checkpoints" / "step_00000008.pt", weights_only=True)
+        assert len(state["model"]) == 16 and all(k.endswith((".lora_A", ".lora_B")) for k in state["model"])
+        assert len(state["optimizer"]["state"]) == 16 and len(a) == 16
 
 
 def test_export_loads_in_codegen2_and_transformers(tmp_path, corpus):
@@ -296,9 +308,12 @@ def finetune_config(path: Path, source: Path, corpus: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("family", ["codegen", "llama"])
-def test_finetune_starts_from_the_checkpoint(tmp_path, corpus, corpus25, family, codegen_dir, llama_dir):
-    """The first logged loss equals transformers' loss of the same checkpoint on the same first batch, and
-    the export of the fine-tuned model loads in transformers as the same architecture."""
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_finetune_starts_from_the_checkpoint(tmp_path, corpus, corpus25, family, kind, codegen_dir, llama_dir):
+    """The first logged loss equals transformers' loss of the same checkpoint on the same first batch (with LoRA
+    too: its B starts at zero), and the export of the fine-tuned model loads in transformers as the same
+    architecture. LoRA: the merged export is the base plus scale * B A in Hugging Face's own layout, everything
+    else untouched, and has the logits of transformers + peft loading the adapter, and of codegen2 with it."""
     from transformers import AutoModelForCausalLM
 
     from codegen2.tokenizer import load_tokenizer
@@ -308,7 +323,8 @@ def test_finetune_starts_from_the_checkpoint(tmp_path, corpus, corpus25, family,
     source, data = (codegen_dir, corpus) if family == "codegen" else (llama_dir, corpus25)
     out = tmp_path / "ft"
     path = finetune_config(tmp_path / "ft.toml", source, data, out)
-    r = run_train("--config", str(path))
+    lora = ["lora.rank=4", "lora.alpha=8", "lora.merge=true", "optim.lr=1e-2"] if kind == "lora" else []
+    r = run_train("--config", str(path), *lora)
     assert r.returncode == 0, r.stderr
     cfg = load_config(path)
     tok = load_tokenizer(source)
@@ -321,7 +337,27 @@ def test_finetune_starts_from_the_checkpoint(tmp_path, corpus, corpus25, family,
     assert metrics(out)[0]["loss"] == pytest.approx(expected.item(), rel=1e-4)
     tuned = AutoModelForCausalLM.from_pretrained(out / "model")
     assert type(tuned) is type(hf)
-    assert not torch.equal(tuned.lm_head.weight, hf.lm_head.weight)  # it trained
+    if kind == "full":
+        assert not torch.equal(tuned.lm_head.weight, hf.lm_head.weight)  # it trained
+        return
+    from peft import PeftModel
+
+    from codegen2.models.checkpoint import load_model
+    from codegen2.models.lora import apply_adapter
+
+    base, merged = load_file(str(source / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    adapter = final_weights(out)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert len(adapter) == 2 * len(changed) == {"codegen": 16, "llama": 28}[family]
+    for key in changed:  # every adapted weight, and only those
+        prefix = "base_model.model." + key.removesuffix(".weight")
+        delta = adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
+        assert (merged[key] - base[key] - 2.0 * delta).abs().max() < 1e-6 and delta.abs().max() > 1e-4, key
+    ids = rows[:2, :40]
+    with torch.no_grad():
+        ours = apply_adapter(load_model(source, dtype="fp32"), out / "adapter", source)(ids)
+        assert (PeftModel.from_pretrained(hf, out / "adapter")(ids).logits - ours).abs().max() < 1e-4
+        assert (tuned.eval()(ids).logits - ours).abs().max() < 1e-4
 
 
 def test_finetune_refuses_a_corpus_of_the_other_tokenizer(tmp_path, corpus, llama_dir):

@@ -1,6 +1,6 @@
 """``codegen2 serve``: the command's arguments, and the process around the app (app.py) under uvicorn.
 
-    codegen2 serve --model Salesforce/codegen2-1B_P [--host 127.0.0.1] [--port 8000] [--api-key KEY ...]
+    codegen2 serve --model Salesforce/codegen2-1B_P [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY ...]
                    [--max-concurrency 16] [--dtype bf16] [--device cpu] [--quant none|int8]
                    [--cors-origin ORIGIN ...]
 
@@ -19,6 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description="Serve a model over HTTP: /v1/completions (OpenAI, with suffix for "
                                           "infill), /infill and /completion (llama.cpp), a playground at /.")
     p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (downloaded on first use)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter for --model (peft's format), applied unmerged")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[],
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     def load() -> Engine:
         try:
             return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
-                                          max_batch=args.max_concurrency)
+                                          adapter=args.adapter, max_batch=args.max_concurrency)
         except BaseException:
             server.should_exit = True  # a server without a model only answers 503: stop instead
             raise

@@ -17,7 +17,7 @@ from codegen2.train.licenses import DEFAULT_LICENSES
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML or YAML file with sections model, data, objective, optim, run")
+    p.add_argument("--config", help="TOML or YAML file with sections model, lora, data, objective, optim, run")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=1e-3 run.out_dir=x")
 
 

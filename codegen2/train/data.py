@@ -131,7 +131,8 @@ class _Worker:
         head = text.split("\n", 20)[:20]
         spdx = SPDX_HEADER.search("\n".join(head))
         header = spdx and normalize_license(spdx.group(1), spdx=True)
-        lic, origin = (dist_lic, "distribution") if dist_lic else (header, "header") if header else (dir_lic, dir_origin)
+        lic, origin = ((dist_lic, "distribution") if dist_lic else (header, "header") if header
+                       else (dir_lic, dir_origin))
         # A license the user declared for the source is their statement that its files may be used.
         if origin != "declared" and not license_allowed(lic, self.cfg["allow"]):
             return {"reason": "license", "license": lic or "unknown"}
@@ -143,7 +144,8 @@ class _Worker:
         ids = self.tokenizer.encode(text)
         if self.tokenizer.decode(ids) != text:  # training decodes tokens back to text: it must be exact
             return {"reason": "roundtrip"}
-        return {"reason": None, "license": lic, "license_from": origin, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        return {"reason": None, "license": lic, "license_from": origin, "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
                 "ids": np.asarray(ids, dtype="<u2"), "minhash": _minhash(text)}
 
 
