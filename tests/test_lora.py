@@ -12,7 +12,7 @@ from torch import nn
 
 from codegen2.models.checkpoint import load_model, save_model
 from codegen2.models.lora import LoRALinear, adapter_state, add_lora, apply_adapter, merge_adapters, save_adapter
-from codegen2.train.lora import Int8Linear, prepare_lora
+from codegen2.train.lora import FrozenLinear, prepare_lora
 
 IDS = torch.tensor([[5, 77, 1000, 50256, 42, 9, 300, 2], [11, 12, 13, 14, 15, 16, 17, 18]])
 
@@ -35,7 +35,8 @@ def test_lora_layer_is_hand_computed_and_starts_as_the_base():
     with torch.no_grad():
         layer.lora_B.normal_()
     A, B, W, b = layer.lora_A, layer.lora_B, base.weight, base.bias
-    want = torch.einsum("btk,nk->btn", x, W) + b + 4.0 * torch.einsum("btr,nr->btn", torch.einsum("btk,rk->btr", x, A), B)
+    xa = torch.einsum("btk,rk->btr", x, A)  # (2, 4, rank)
+    want = torch.einsum("btk,nk->btn", x, W) + b + 4.0 * torch.einsum("btr,nr->btn", xa, B)
     assert (layer(x) - want).abs().max() < 1e-5
     assert layer.lora_A.shape == (3, 6) and layer.lora_B.shape == (5, 3) and layer.scale == 4.0
 
@@ -49,7 +50,7 @@ def test_targets_and_bad_input(checkpoints, name):
     assert wrapped == sorted(f"layers.{i}.{t}" for i in range(2) for t in expected)
     assert not isinstance(model.output, LoRALinear)
     valid = {"codegen2": "wqkv, wo, w1, w2", "llama": "wq, wk, wv, wo, w1, w2, w3"}[name]
-    with pytest.raises(ValueError, match=f"unknown LoRA target\\(s\\) 'q_proj', 'output': {name} models adapt {valid}$"):
+    with pytest.raises(ValueError, match=f"target\\(s\\) 'q_proj', 'output': {name} models adapt {valid}$"):
         add_lora(load_model(checkpoints(name)), rank=2, alpha=4.0, targets=["q_proj", "output"])
     with pytest.raises(ValueError, match="rank >= 1 and alpha > 0"):
         add_lora(load_model(checkpoints(name)), rank=0, alpha=4.0)
@@ -107,11 +108,47 @@ def test_bad_adapter_directories(tmp_path, codegen_dir, llama_dir):
         apply_adapter(load_model(llama_dir), tmp_path / "a", llama_dir)
 
 
+def test_a_frozen_output_layer_gets_no_weight_gradient_formed():
+    """LoRA freezes the output layer: the chunked loss (models/loss.py) must not form its (V, E) fp32 gradient
+    (840 MB at the 7B shape), and the hidden states' gradient stays plain cross-entropy's."""
+    from codegen2.models.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h, w, b = torch.randn(6, 8, requires_grad=True), torch.randn(300, 8), torch.randn(300)
+    t = torch.randint(0, 300, (6,))
+    loss = linear_cross_entropy(h, w, b, t)
+    assert [tuple(x.shape) for x in loss.grad_fn.saved_tensors if x is not None] == [(6, 8)]
+    loss.backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(h2, w, b), t, reduction="sum").backward()
+    assert (h.grad - h2.grad).abs().max() < 1e-5
+    trained = linear_cross_entropy(h, w.requires_grad_(True), b, t)  # a trained one: its gradient is formed
+    assert [tuple(x.shape) for x in trained.grad_fn.saved_tensors if x is not None] == [(6, 8), (300, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_linear_is_the_linear_with_autograd_gradients(dtype):
+    """FrozenLinear: the same forward as nn.Linear, the input gradient of torch's autograd (by another route)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40).to(dtype).requires_grad_(False)
+    frozen = FrozenLinear(linear)
+    x = torch.randn(3, 5, 48, dtype=dtype, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = frozen(x), linear(x2)
+    tol = 1e-5 if dtype == torch.float32 else 0.05  # bf16: the bias is added apart, rounded once more
+    assert (y - y2).abs().max() < tol
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert x.grad.dtype == dtype and (x.grad - x2.grad).abs().max() < tol
+    assert not frozen.weight.requires_grad and frozen.weight.grad is None
+
+
 def test_int8_base_gradients_match_its_dequantized_weights():
-    """Int8Linear's forward and input gradient against a plain fp32 Linear holding q * scale, by autograd."""
+    """int8 FrozenLinear's forward and input gradient against a plain fp32 Linear holding q * scale, by autograd."""
     torch.manual_seed(0)
     linear = nn.Linear(48, 40)
-    q8 = Int8Linear(linear)
+    q8 = FrozenLinear(linear, "int8")
     assert q8.weight.dtype == torch.int8 and q8.state_dict().keys() == {"bias"}
     plain = nn.Linear(48, 40)
     with torch.no_grad():
@@ -135,7 +172,7 @@ def test_int8_base_trains_the_adapters_like_its_dequantized_fp32_base(codegen_di
     q8 = prepare_lora(load_model(codegen_dir), 2, 4.0, None, "int8", torch.float32).train()
     ref = load_model(codegen_dir, dtype="fp32")
     for name, m in q8.named_modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, FrozenLinear):
             target = ref.get_submodule(name.removesuffix(".base"))
             target.weight = nn.Parameter(m.weight.float() * m.scale[:, None])
     torch.manual_seed(3)

@@ -1,8 +1,8 @@
 """``codegen2 serve``: the command's arguments, and the process around the app (app.py) under uvicorn.
 
-    codegen2 serve --model Salesforce/codegen2-1B_P [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY ...]
+    codegen2 serve --model Salesforce/codegen2-1B_P [--host 127.0.0.1] [--port 8000] [--api-key KEY ...]
                    [--max-concurrency 16] [--dtype bf16] [--device cpu] [--quant none|int8]
-                   [--cors-origin ORIGIN ...]
+                   [--cors-origin ORIGIN ...] [--adapter LORA_DIR]
 
 The server listens at once and loads the model in the background (/health answers 503 until it is ready); if
 loading fails the server stops with the error. What this is not: the routes (app.py).
