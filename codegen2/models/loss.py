@@ -22,10 +22,13 @@ def _chunk_rows(h: torch.Tensor, vocab: int) -> int:
 
 
 def grad_input(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """g (M, N) @ w (N, K) -> (M, K), formed as (w^T g^T)^T: the same product, but torch's CPU bf16 ``g @ w`` is a
-    slow fallback on CPUs without native bf16 (0.08 GMAC/s against 5.6 this way, AVX2 EPYC, 81 x 51200 @
-    51200 x 1024; fp32 alike both ways)."""
-    return torch.mm(w.t(), g.t().contiguous()).t()
+    """g (M, N) @ w (N, K) -> (M, K). In bf16 on CPU formed as (w^T g^T)^T: the same product, but torch's CPU
+    bf16 ``g @ w`` is a slow fallback on CPUs without native bf16 (0.08 GMAC/s against 5.6 this way, AVX2 EPYC,
+    81 x 51200 @ 51200 x 1024). Otherwise (fp32: as fast both ways) the plain product, so an fp32 run's numbers
+    are those of ``g @ w``."""
+    if g.dtype == torch.bfloat16 and g.device.type == "cpu":
+        return torch.mm(w.t(), g.t().contiguous()).t()
+    return g @ w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
