@@ -44,6 +44,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype (default bf16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--mp-num", type=int, choices=[4, 8], help="override CodeGen2's detected qkv layout")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter for --model (peft's format, e.g. a "
+                   "`codegen2 train` run's adapter/), applied without merging")
     p.add_argument("--quant", default="none", choices=["none", "int8"],
                    help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (about 2x faster "
                         "decode on CPU)")
@@ -82,7 +84,7 @@ def _run(args: argparse.Namespace, prompt_kind: str) -> None:
         prompt = Infill(_read(args.prefix_file) if args.prefix_file else (args.prefix or ""),
                         _read(args.suffix_file) if args.suffix_file else (args.suffix or ""))
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
-                                    mp_num=args.mp_num, speculative=args.speculative,
+                                    mp_num=args.mp_num, adapter=args.adapter, speculative=args.speculative,
                                     num_speculative_tokens=args.num_speculative_tokens, max_batch=1)
     engine.add_request(prompt, params)
     n_tokens, reason = 0, None

@@ -48,6 +48,13 @@ the GNU General Public License, supplemented by the additional permissions liste
 UNLICENSE = "This is free and unencumbered software released into the public domain.\n\nAnyone is free to copy"
 ZLIB = "3. This notice may not be removed. 2. Altered source versions must be plainly marked as such, and must"
 MPL = "Mozilla Public License Version 2.0\n==================================\n"
+MIT0 = """MIT No Attribution\n\nCopyright 2024 Someone\n\nPermission is hereby granted, free of charge, to any person
+obtaining a copy of this software and associated documentation files (the "Software"), to deal in the Software
+without restriction, including without limitation the rights to use, copy, modify, merge, publish, distribute,
+sublicense, and/or sell copies of the Software, and to permit persons to whom the Software is furnished to do so.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND...\n"""
+CC0 = "Creative Commons Legal Code\n\nCC0 1.0 Universal\n\n    CREATIVE COMMONS CORPORATION IS NOT A LAW FIRM\n"
 CPYTHON_LICENSE = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
 
 
@@ -89,6 +96,7 @@ def tok():
 @pytest.mark.parametrize("text,expected", [
     (MIT, "MIT"), (BSD, "BSD-2-Clause"), (BSD3, "BSD-3-Clause"), (APACHE, "Apache-2.0"), (ISC, "ISC"),
     (ZERO_BSD, "0BSD"), (GPL3, "GPL"), (LGPL3, "LGPL"), (UNLICENSE, "Unlicense"), (ZLIB, "Zlib"), (MPL, "MPL-2.0"),
+    (MIT0, "MIT-0"), (MIT0.replace("MIT No Attribution\n", ""), "MIT-0"), (CC0, "CC0-1.0"),
     ("# **MIT License**\n\n**Permission** is hereby granted, free of charge, to any person", "MIT"),  # markdown
     ("All rights reserved. Do not copy.", None),
 ])
@@ -107,6 +115,8 @@ def test_cpython_license_is_psf():
     ("Python Software Foundation License", False, "PSF-2.0"), ("Proprietary", False, None), ("UNKNOWN", False, None),
     ("(mit OR apache-2.0) AND isc", True, "(MIT OR Apache-2.0) AND ISC"), ("LicenseRef-Mine", True, "LicenseRef-Mine"),
     ("GPL-2.0-only WITH Linux-syscall-note", True, "GPL-2.0-only"),
+    ("MIT No Attribution License (MIT-0)", False, "MIT-0"),
+    ("CC0 1.0 Universal (CC0 1.0) Public Domain Dedication", False, "CC0-1.0"), ("mit-0 AND cc0-1.0", True, "MIT-0 AND CC0-1.0"),
 ])
 def test_normalize_license(expr, spdx, expected):
     assert normalize_license(expr, spdx=spdx) == expected
@@ -116,6 +126,9 @@ def test_normalize_license(expr, spdx, expected):
     ("MIT", True), ("mit", True), ("MIT OR GPL-3.0", True), ("GPL-3.0 OR MIT", True), ("MIT AND GPL-3.0", False),
     ("MIT AND Apache-2.0", True), ("(GPL-3.0 OR MIT) AND Apache-2.0", True), ("GPL-3.0 OR MIT AND LGPL", False),
     ("GPL-3.0", False), ("MIT OR", False), ("(MIT", False), ("", False), (None, False), ("unknown", False),
+    # as permissive as the rest, in the default list: MIT-0 and CC0-1.0, alone or combined
+    ("MIT-0", True), ("CC0-1.0", True), ("MIT AND CC0-1.0", True), ("(Apache-2.0 AND CC0-1.0) OR GPL-3.0", True),
+    ("CC0-1.0 AND GPL-3.0", False),
 ])
 def test_license_allowed(expr, ok):
     assert license_allowed(expr, {lic.lower() for lic in DEFAULT_LICENSES}) is ok
@@ -153,6 +166,19 @@ def test_dist_info_licenses(tmp_path):
     assert kept(build(site / "exprpkg", tmp_path / "out2")) == {"mod.py": "MIT OR Apache-2.0"}
 
 
+def test_mit0_and_cc0_are_kept_by_default(tmp_path):
+    # Found over a real stdlib + site-packages: 518 MIT-0 files and 473 under an AND including CC0-1.0 refused.
+    site = tmp_path / "env" / "site-packages"
+    dist(site, "zero", "License-Expression: MIT-0\n", {"zero.py": code(1)})
+    dist(site, "cls", "Classifier: License :: OSI Approved :: MIT No Attribution License (MIT-0)\n", {"cls.py": code(2)})
+    dist(site, "both", "License-File: LICENSE\nLicense-File: NOTICE\n", {"both.py": code(3)},
+         {"licenses/LICENSE": MIT, "licenses/NOTICE": CC0})
+    write(tmp_path / "env" / "src", {"LICENSE": MIT0, "s.py": code(4)})
+    assert kept(build(tmp_path / "env", tmp_path / "out")) == {
+        "site-packages/zero.py": "MIT-0", "site-packages/cls.py": "MIT-0", "site-packages/both.py": "CC0-1.0 AND MIT",
+        "src/s.py": "MIT-0"}
+
+
 def test_spdx_headers_and_license_files(tmp_path):
     src = write(tmp_path / "src", {
         "LICENSE": MIT, "a.py": code(1), "sub/deeper/b.py": code(2),  # LICENSE in an ancestor
@@ -182,6 +208,46 @@ def test_stdlib_files_are_psf(tmp_path):
     m = build(tmp_path, tmp_path / "out")
     assert kept(m) == {name: "PSF-2.0" for name in names}
     assert m["licenses"]["PSF-2.0"]["files"] == 5
+
+
+def test_declared_licenses(tmp_path):
+    """The issue's case: a folder of the standard library, whose LICENSE.txt sits above it. Refused, the build
+    says why and what to declare; declared, its files are kept under the declaration, recorded as declared,
+    except where something nearer says otherwise."""
+    lib = tmp_path / "lib"
+    write(lib, {"LICENSE.txt": CPYTHON_LICENSE.read_text(), "json/a.py": code(1), "json/sub/b.py": code(2),
+                "json/vendored/COPYING": GPL3, "json/vendored/c.py": code(3),
+                "json/d.py": "# SPDX-License-Identifier: GPL-3.0-only\n" + code(4)})
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as e:
+        build(lib / "json", out)
+    msg = str(e.value)
+    assert "empty corpus: all 4 files found in" in msg and "4 license" in msg
+    assert "refused licenses: unknown (2), GPL (1), GPL-3.0-only (1); allowed: MIT, MIT-0," in msg
+    assert f"--source-license {lib / 'json'}=PSF-2.0" in msg and str(lib / "LICENSE.txt") in msg
+    assert not out.exists() or not (out / "manifest.json").exists()  # nothing written
+
+    m = build(lib / "json", out, declared_licenses={lib / "json": "psf-2.0"})
+    assert kept(m) == {"a.py": "PSF-2.0", "sub/b.py": "PSF-2.0"}  # the GPL dir and the GPL header still decide
+    assert [f["license_from"] for f in m["files"]] == ["declared", "declared"]
+    assert m["options"]["declared_licenses"] == {str(lib / "json"): "PSF-2.0"}
+    assert m["refused_licenses"] == {"GPL": 1, "GPL-3.0-only": 1}
+
+    # One's own code with no usable LICENSE file: declared, it is used whatever the allow-list says.
+    mine = write(tmp_path / "mine", {"LICENSE": "Copyright me. All rights reserved.\n", "x.py": code(5),
+                                     "lib/y.py": "# SPDX-License-Identifier: MIT\n" + code(6)})
+    m = build([mine, lib / "json"], tmp_path / "out2", declared_licenses={str(mine): "LicenseRef-Proprietary"},
+              licenses=["MIT"])
+    assert kept(m) == {"x.py": "LicenseRef-Proprietary", "lib/y.py": "MIT"}
+    assert [f["license_from"] for f in m["files"]] == ["declared", "header"]  # x.py, then lib/y.py
+
+    with pytest.raises(ValueError, match=f"declared for {tmp_path / 'other'}, which is not one of the sources"):
+        build(mine, tmp_path / "out3", declared_licenses={tmp_path / "other": "MIT"})
+    with pytest.raises(ValueError, match="'MIT OR', is not an SPDX expression"):
+        build(mine, tmp_path / "out3", declared_licenses={mine: "MIT OR"})
+    write(tmp_path / "go", {"LICENSE": MIT, "main.go": "package main\n"})
+    with pytest.raises(ValueError, match=r"none of .*go holds python files \(\.py\)"):
+        build(tmp_path / "go", tmp_path / "out3")
 
 
 # --- filters and dedup ---------------------------------------------------------------------------------------
@@ -315,8 +381,8 @@ def test_manifest_counts(tmp_path, tok):
     assert m["sources"] == [str(src)] and m["shards"]["val"] == []
     a = m["files"][0]
     assert a == {"path": "a.py", "source": 0, "sha256": hashlib.sha256(texts["a.py"].encode()).hexdigest(),
-                 "language": "python", "license": "MIT", "bytes": len(texts["a.py"]), "tokens": n["a.py"],
-                 "split": "train", "shard": 0, "offset": 0}
+                 "language": "python", "license": "MIT", "license_from": "file", "bytes": len(texts["a.py"]),
+                 "tokens": n["a.py"], "split": "train", "shard": 0, "offset": 0}
     assert [f["offset"] for f in m["files"]] == [0, n["a.py"], n["a.py"] + n["b.py"], sum(n.values()) - n["d.rs"]]
 
 
@@ -412,6 +478,15 @@ def test_cli(tmp_path, capsys):
         cli(["data", "info", str(src)])
     with pytest.raises(SystemExit, match="error: sources must be existing directories"):
         cli(["data", "build", "--source", str(tmp_path / "nope"), "--out", out])
+    mine = write(tmp_path / "mine", {"x.py": code(5)})  # no license anywhere: refused unless declared
+    with pytest.raises(SystemExit, match=r"error: empty corpus: all 1 files .* 1 license\nrefused licenses: unknown"):
+        cli(["data", "build", "--source", str(mine), "--out", out, "--workers", "1"])
+    cli(["data", "build", "--source", str(mine), "--source-license", f"{mine}=LicenseRef-Mine", "--out", out])
+    assert "licenses: LicenseRef-Mine 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: --source-license 'MIT' is not of the form DIR=SPDX"):
+        cli(["data", "build", "--source", str(mine), "--source-license", "MIT", "--out", out])
+    with pytest.raises(SystemExit, match=f"error: a license is declared for {src}, which is not one of the sources"):
+        cli(["data", "build", "--source", str(mine), "--source-license", f"{src}=MIT", "--out", out])
     with pytest.raises(SystemExit, match="error: need at least one language and one allowed license"):
         cli(["data", "build", "--source", str(src), "--out", out, "--licenses", " , "])
     for argv in (["data", "build", "--source", str(src), "--out", out, "--language", "cobol"],

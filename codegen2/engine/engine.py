@@ -161,14 +161,16 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, dtype: str = "bf16", device: str = "cpu", quant: str | None = None,
-                        mp_num: int | None = None, speculative: str | None = None, num_speculative_tokens: int = 5,
-                        **engine_args) -> Engine:
-        """Load a checkpoint directory or hub id, apply the weight format ``quant`` and the native kernels
-        (codegen2.kernels), load its tokenizer, and build an engine (``engine_args``: see ``Engine``).
-        speculative: "ngram" (prompt lookup) or "draft:DIR" (a smaller model with the same tokenizer, loaded the
-        same way), proposing num_speculative_tokens drafts per step."""
+                        mp_num: int | None = None, adapter: str | Path | None = None,
+                        speculative: str | None = None, num_speculative_tokens: int = 5, **engine_args) -> Engine:
+        """Load a checkpoint directory or hub id, add a LoRA ``adapter`` directory (peft's format) unmerged if
+        given, apply the weight format ``quant`` and the native kernels (codegen2.kernels) to the base layers,
+        load its tokenizer, and build an engine (``engine_args``: see ``Engine``). speculative: "ngram" (prompt
+        lookup) or "draft:DIR" (a smaller model with the same tokenizer, loaded the same way), proposing
+        num_speculative_tokens drafts per step."""
         from codegen2.kernels import prepare_for_inference
         from codegen2.models.checkpoint import load_model, resolve
+        from codegen2.models.lora import apply_adapter
         from codegen2.tokenizer import load_tokenizer
 
         spec = None
@@ -181,8 +183,10 @@ class Engine:
                 draft = prepare_for_inference(load_model(resolve(where), dtype=dtype, device=device), quant)
             spec = SpeculativeConfig(method, num_speculative_tokens, draft=draft)
         directory = resolve(model)
-        loaded = prepare_for_inference(load_model(directory, dtype=dtype, device=device, mp_num=mp_num), quant)
-        return cls(loaded, load_tokenizer(directory), speculative=spec, **engine_args)
+        loaded = load_model(directory, dtype=dtype, device=device, mp_num=mp_num)
+        if adapter is not None:
+            apply_adapter(loaded, adapter, directory, mp_num)
+        return cls(prepare_for_inference(loaded, quant), load_tokenizer(directory), speculative=spec, **engine_args)
 
     # --- requests ---------------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
     codegen2 serve --model Salesforce/codegen2-1B_P [--served-model-name NAME ...] [--host 127.0.0.1]
                    [--port 8000] [--api-key KEY ...] [--max-concurrency 16] [--max-model-len N]
                    [--kv-cache-gib 4] [--dtype bf16] [--device cpu] [--quant none|int8] [--cors-origin ORIGIN ...]
+                   [--adapter LORA_DIR] [--speculative ngram|draft:DIR]
 
 The server listens at once and loads the model in the background (/health answers 503 until it is ready); if
 loading fails the server stops with the error. What this is not: the routes (app.py).
@@ -32,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "infill), /infill and /completion (llama.cpp), a playground at /.",
                               formatter_class=_Defaults)
     p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (downloaded on first use)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter for --model (peft's format), applied unmerged")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="the name(s) requests may give as model; responses carry the first (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
@@ -97,8 +99,8 @@ def run(args: argparse.Namespace) -> None:
     def load() -> Engine:
         try:
             return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
-                                          max_batch=args.max_concurrency, max_seq_len=args.max_model_len,
-                                          kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+                                          adapter=args.adapter, max_batch=args.max_concurrency,
+                                          max_seq_len=args.max_model_len, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
                                           speculative=args.speculative,
                                           num_speculative_tokens=args.num_speculative_tokens)
         except BaseException:

@@ -1,5 +1,9 @@
 """Training checkpoints and export: atomic full-state checkpoints for an exact resume, and the Hugging Face
 export of the trained weights. Gathered from every process (FSDP2) and written by rank 0.
+
+A LoRA run's checkpoints hold only what it trains (the adapters) and their optimizer state: the frozen base is
+read again from ``model.init_from`` on resume. Its export is ``adapter/`` in peft's format and, with
+``lora.merge``, ``model/``: that base re-read in ``run.export_dtype`` with the adapters merged in (fp32 sums).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def save(t: Trainer) -> None:
         get_state_dict,
     )
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
     if t.rank == 0:
         t.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -55,11 +59,12 @@ def resume(t: Trainer) -> bool:
         return False
     state = torch.load(found[-1], map_location="cpu", weights_only=True)
     mine, theirs = t.cfg.to_dict(), state["config"]
-    for section in ("model", "data", "objective"):
+    for section in ("model", "lora", "data", "objective"):
         if mine[section] != theirs[section]:
             raise ValueError(f"{found[-1]} was written with a different [{section}] config "
                              f"({theirs[section]}); use a new run.out_dir or the same config")
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    # strict: every trained tensor is in the checkpoint; a LoRA run's frozen base is not (it was re-read).
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=not t.cfg.lora.rank)
     set_state_dict(t.model, t.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"], options=opts)
     t.stream.load_state_dict(state["stream"])
@@ -70,7 +75,8 @@ def resume(t: Trainer) -> bool:
 
 
 def export(t: Trainer) -> Path:
-    """Write the Hugging Face directory ``out_dir/model`` from the full (gathered) weights."""
+    """Write the Hugging Face directory ``out_dir/model`` from the full (gathered) weights; for a LoRA run,
+    ``out_dir/adapter`` and with lora.merge also ``model/``. Returns ``model/`` if written, else ``adapter/``."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -79,7 +85,11 @@ def export(t: Trainer) -> Path:
     from codegen2.models import build
     from codegen2.models.checkpoint import save_model
 
-    state = get_model_state_dict(t.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    lora = t.cfg.lora
+    state = get_model_state_dict(t.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                   ignore_frozen_params=bool(lora.rank)))
+    if lora.rank:
+        return _export_lora(t, state)
     target = t.out / "model"
     if t.rank == 0:
         with torch.device("meta"):
@@ -91,3 +101,20 @@ def export(t: Trainer) -> Path:
     if t.world > 1:
         dist.barrier()
     return target
+
+
+def _export_lora(t: Trainer, adapters: dict[str, torch.Tensor]) -> Path:
+    from codegen2.models.checkpoint import load_model, save_model
+    from codegen2.models.lora import merge_adapters, qkv_layout, save_adapter
+
+    lora, base = t.cfg.lora, Path(t.tokenizer_dir)
+    if t.rank == 0:
+        save_adapter(adapters, t.model_config, t.out / "adapter", rank=lora.rank, alpha=lora.alpha,
+                     mp_num=qkv_layout(t.model_config, base), base_model=t.cfg.model.init_from)
+        if lora.merge:
+            plain = merge_adapters(load_model(base, dtype=t.cfg.run.export_dtype), adapters, lora.alpha / lora.rank)
+            save_model(plain, t.out / "model", dtype=t.cfg.run.export_dtype, tokenizer_dir=base,
+                       max_shard_size=t.cfg.run.export_shard_size)
+    if t.world > 1:
+        dist.barrier()
+    return t.out / ("model" if lora.merge else "adapter")

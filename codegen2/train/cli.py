@@ -1,6 +1,7 @@
 """``codegen2 train`` and ``codegen2 data``: the training commands' arguments.
 
     codegen2 data build --source ~/src --source .venv/lib/python3.11/site-packages --out corpus/
+    codegen2 data build --source ~/my-repo --source-license ~/my-repo=LicenseRef-Proprietary --out corpus/
     codegen2 data info corpus/
     codegen2 train --config run.toml optim.lr=1e-3 run.out_dir=runs/x        # one process
     torchrun --nproc-per-node 8 -m codegen2.train --config run.toml          # FSDP2 over 8 GPUs (or CPUs)
@@ -16,7 +17,7 @@ from codegen2.train.licenses import DEFAULT_LICENSES
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML or YAML file with sections model, data, objective, optim, run")
+    p.add_argument("--config", help="TOML or YAML file with sections model, lora, data, objective, optim, run")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=1e-3 run.out_dir=x")
 
 
@@ -32,6 +33,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="data_command", required=True)
     b = verbs.add_parser("build", help="source trees -> filtered, deduplicated token shards")
     b.add_argument("--source", action="append", required=True, metavar="DIR", help="source tree (repeatable)")
+    b.add_argument("--source-license", action="append", default=[], metavar="DIR=SPDX",
+                   help="declare the license of a --source directory (repeatable); its files are used under it "
+                        "unless a nearer LICENSE file, SPDX header or package metadata says otherwise")
     b.add_argument("--out", required=True, metavar="DIR", help="output directory")
     b.add_argument("--language", action="append", choices=list(LANGUAGES), help="repeatable (default python)")
     b.add_argument("--licenses", default=",".join(DEFAULT_LICENSES), help="allowed licenses, comma-separated "
@@ -58,7 +62,14 @@ def run(args: argparse.Namespace) -> None:
         from codegen2.train.data import build_corpus
 
         if args.data_command == "build":
+            declared = {}
+            for item in args.source_license:
+                directory, eq, lic = item.rpartition("=")
+                if not eq or not directory or not lic.strip():
+                    raise ValueError(f"--source-license {item!r} is not of the form DIR=SPDX (e.g. src=MIT)")
+                declared[directory] = lic
             manifest = build_corpus(args.source, args.out, languages=args.language or ("python",),
+                                    declared_licenses=declared,
                                     licenses=[x.strip() for x in args.licenses.split(",") if x.strip()],
                                     max_bytes=args.max_bytes, near_dup_threshold=args.near_dup_threshold,
                                     val_fraction=args.val_fraction, workers=args.workers,

@@ -1,4 +1,4 @@
-"""The ``codegen2 train`` config: five sections as dataclasses, read from TOML or YAML, with typed
+"""The ``codegen2 train`` config: six sections as dataclasses, read from TOML or YAML, with typed
 ``section.key=value`` overrides from the command line. Every field has a default; unknown keys are refused."""
 
 from __future__ import annotations
@@ -21,6 +21,15 @@ class ModelSection:
     preset: str | None = None  # an official shape, e.g. "codegen2-1B" (fields in `shape` override it)
     family: str = "codegen2"  # "codegen2" or "llama" (CodeGen2.5) for a custom shape
     shape: dict = field(default_factory=dict)  # config fields, e.g. {n_layers = 4, dim = 256, n_heads = 4}
+
+
+@dataclass
+class LoRASection:
+    rank: int = 0  # 0: full fine-tuning; else adapters of this rank on a frozen model.init_from (models/lora.py)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    targets: list | None = None  # layers by name (codegen2: wqkv wo w1 w2; llama: wq wk wv wo w1 w2 w3); None: all
+    quant: str = "none"  # the frozen base: none = in the run's dtype (bf16 or fp32), int8 = weight-only int8
+    merge: bool = False  # also export model/, the base with the adapters merged in (a plain HF directory)
 
 
 @dataclass
@@ -66,6 +75,7 @@ class RunSection:
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
+    lora: LoRASection = field(default_factory=LoRASection)
     data: DataSection = field(default_factory=DataSection)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -81,6 +91,14 @@ class TrainConfig:
             raise ValueError(f"run.dtype must be auto, bf16 or fp32, got {self.run.dtype!r}")
         if self.model.init_from and (self.model.preset or self.model.shape):
             raise ValueError("model.init_from fine-tunes an existing model: leave model.preset and model.shape empty")
+        lora = self.lora
+        if lora.rank < 0 or (lora.rank and not self.model.init_from):
+            raise ValueError(f"lora.rank {lora.rank}: LoRA (rank >= 1) adapts a trained model: set model.init_from")
+        if not lora.rank and (lora.quant != "none" or lora.merge or lora.targets is not None):
+            raise ValueError("lora.quant, lora.merge and lora.targets apply to LoRA runs: set lora.rank >= 1")
+        if lora.quant not in ("none", "int8") or not lora.alpha > 0:
+            raise ValueError(f"lora.quant must be none or int8 (got {lora.quant!r}), lora.alpha > 0 "
+                             f"(got {lora.alpha})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,7 +145,7 @@ def _coerce(where: str, want: str, value):
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A TOML or YAML file (sections model, data, objective, optim, run) plus ``section.key=value`` overrides."""
+    """A TOML or YAML file (sections model, lora, data, objective, optim, run) plus ``section.key=value`` overrides."""
     raw: dict = {}
     if path is not None:
         p = Path(path)

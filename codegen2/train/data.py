@@ -3,7 +3,8 @@
     codegen2 data build --source ~/src --source .venv/lib/python3.11/site-packages --out corpus/
 
 What this is: a single-machine corpus builder. Files are picked by extension, kept only under an allow-listed
-license (an installed distribution's metadata, else an SPDX header, else the nearest LICENSE file), filtered
+license (an installed distribution's metadata, else an SPDX header, else the nearest LICENSE file) or the one
+declared for their source (``--source-license DIR=SPDX``: the owner's statement, recorded as such), filtered
 (huge, binary, empty, generated, minified, text that does not survive encode -> decode), deduplicated exactly
 (sha256) and approximately (MinHash LSH; in sorted order, so the first occurrence wins), tokenized in parallel
 and written per split as uint16 shards with document offsets, plus ``manifest.json``. Same sources and options
@@ -45,6 +46,7 @@ from codegen2.train.licenses import (
     dist_license,
     license_allowed,
     normalize_license,
+    valid_expression,
 )
 
 LANGUAGES = {  # the CodeGen2 training languages; .h counts as C
@@ -75,11 +77,14 @@ def _record_licenses(site: str) -> dict[str, str | None]:
     return found
 
 
-def _scan(root: Path, exts: dict[str, str]) -> Iterator[tuple[str, str, str, str | None, str | None]]:
-    """(path, source-relative path, language, dist-info license, LICENSE-file license) in sorted order."""
+def _scan(root: Path, exts: dict[str, str], declared: str | None
+          ) -> Iterator[tuple[str, str, str, str | None, tuple[str, str] | None]]:
+    """(path, source-relative path, language, dist-info license, (directory license, "file" | "declared")) in
+    sorted order. A declared license stands where the root's own LICENSE files would: nearer statements (a LICENSE
+    file in a subdirectory, an SPDX header, a distribution's metadata) still decide for the files under them."""
     # The root may be one package inside a site-packages dir: its dist-info is then a sibling.
     dist_lic = _record_licenses(str(root.parent)) if os.access(root.parent, os.R_OK | os.X_OK) else {}
-    dir_lic: dict[str, str | None] = {}
+    dir_lic: dict[str, tuple[str, str] | None] = {}
     for d, dirs, files in os.walk(root):  # top-down, so a dir's dist-infos and LICENSE come before its files
         # Symlinked dirs are not followed: no loops, and no escaping the source root.
         dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x != "__pycache__"
@@ -91,7 +96,10 @@ def _scan(root: Path, exts: dict[str, str]) -> Iterator[tuple[str, str, str, str
         ids = sorted({lic for t in texts if (lic := classify_license_text(t))})
         # Several license files in one dir must all allow use; ones we cannot classify (notices, pointers) are
         # ignored unless they are all there is, which refuses the tree.
-        dir_lic[d] = (" AND ".join(ids) or "unknown") if texts else dir_lic.get(os.path.dirname(d))
+        if declared and d == str(root):
+            dir_lic[d] = (declared, "declared")
+        else:
+            dir_lic[d] = ((" AND ".join(ids) or "unknown"), "file") if texts else dir_lic.get(os.path.dirname(d))
         for f in sorted(files):
             path = os.path.join(d, f)
             lang = exts.get(os.path.splitext(f)[1].lower())
@@ -107,8 +115,8 @@ class _Worker:
         self.tokenizer = load_tokenizer(None, kind=cfg["tokenizer"])  # once per worker process
         assert self.tokenizer.vocab_size <= 2**16, "token ids must fit uint16 shards"
 
-    def __call__(self, task: tuple[str, str | None, str | None]) -> dict:
-        path, dist_lic, file_lic = task
+    def __call__(self, task: tuple[str, str | None, tuple[str, str] | None]) -> dict:
+        path, dist_lic, (dir_lic, dir_origin) = task[0], task[1], task[2] or (None, "file")
         if os.path.getsize(path) > self.cfg["max_bytes"]:
             return {"reason": "huge"}
         data = Path(path).read_bytes()
@@ -122,8 +130,11 @@ class _Worker:
             return {"reason": "empty"}
         head = text.split("\n", 20)[:20]
         spdx = SPDX_HEADER.search("\n".join(head))
-        lic = dist_lic or (spdx and normalize_license(spdx.group(1), spdx=True)) or file_lic
-        if not license_allowed(lic, self.cfg["allow"]):
+        header = spdx and normalize_license(spdx.group(1), spdx=True)
+        lic, origin = ((dist_lic, "distribution") if dist_lic else (header, "header") if header
+                       else (dir_lic, dir_origin))
+        # A license the user declared for the source is their statement that its files may be used.
+        if origin != "declared" and not license_allowed(lic, self.cfg["allow"]):
             return {"reason": "license", "license": lic or "unknown"}
         if GENERATED.search("\n".join(head[:5])):
             return {"reason": "generated"}
@@ -133,7 +144,8 @@ class _Worker:
         ids = self.tokenizer.encode(text)
         if self.tokenizer.decode(ids) != text:  # training decodes tokens back to text: it must be exact
             return {"reason": "roundtrip"}
-        return {"reason": None, "license": lic, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        return {"reason": None, "license": lic, "license_from": origin, "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
                 "ids": np.asarray(ids, dtype="<u2"), "minhash": _minhash(text)}
 
 
@@ -192,8 +204,13 @@ def _check_options(languages: Sequence[str], licenses: Sequence[str], max_bytes:
 def build_corpus(sources: list[str | Path], out: str | Path, *, languages: Sequence[str] = ("python",),
                  licenses: Sequence[str] = DEFAULT_LICENSES, max_bytes: int = 1_000_000,
                  near_dup_threshold: float = 0.85, val_fraction: float = 0.01, workers: int | None = None,
-                 tokenizer_kind: str = "codegen2", progress: bool = True) -> dict:
-    """Build a corpus from source trees into ``out`` (see the module docstring); return the manifest."""
+                 tokenizer_kind: str = "codegen2", declared_licenses: dict[str | Path, str] | None = None,
+                 progress: bool = True) -> dict:
+    """Build a corpus from source trees into ``out`` (see the module docstring); return the manifest.
+
+    declared_licenses: source directory -> SPDX expression, the license its owner states for it (e.g. one's own
+    code, or a folder whose LICENSE file sits above it); kept whatever ``licenses`` allows. An empty result is
+    an error that says why each file was dropped; nothing is written then."""
     from datasketch import (
         MinHashLSH,  # the train extra; imported here so `codegen2 --help` needs neither
     )
@@ -203,12 +220,13 @@ def build_corpus(sources: list[str | Path], out: str | Path, *, languages: Seque
     roots = [Path(os.path.abspath(s)) for s in sources]
     if not roots or (missing := [str(r) for r in roots if not r.is_dir()]):
         raise ValueError(f"sources must be existing directories; not found: {', '.join(missing or ['(none given)'])}")
+    declared = _check_declared(roots, declared_licenses or {})
     cfg = {"tokenizer": tokenizer_kind, "max_bytes": max_bytes, "allow": {lic.lower() for lic in licenses}}
     tasks, found = [], []
     with tqdm(desc="scan", unit=" files", file=sys.stderr, disable=not progress) as bar:
         for k, root in enumerate(roots):
-            for path, rel, lang, dist_lic, file_lic in _scan(root, exts):
-                tasks.append((path, dist_lic, file_lic))
+            for path, rel, lang, dist_lic, dir_lic in _scan(root, exts, declared.get(str(root))):
+                tasks.append((path, dist_lic, dir_lic))
                 found.append((k, rel, lang))
                 bar.update()
 
@@ -243,8 +261,10 @@ def build_corpus(sources: list[str | Path], out: str | Path, *, languages: Seque
                 starts.append(n_staged)
                 n_staged += len(r["ids"])
                 entries.append({"path": rel, "source": k, "sha256": r["sha256"], "language": lang,
-                                "license": r["license"], "bytes": r["bytes"], "tokens": len(r["ids"]),
-                                "split": "train", "shard": 0, "offset": 0})
+                                "license": r["license"], "license_from": r["license_from"], "bytes": r["bytes"],
+                                "tokens": len(r["ids"]), "split": "train", "shard": 0, "offset": 0})
+        if not entries:
+            raise ValueError(_why_empty(roots, languages, licenses, len(tasks), dropped, refused))
         # The split is a function of the content alone, so adding files never moves the others.
         for e in entries:
             e["split"] = "val" if int(e["sha256"][:16], 16) < val_fraction * 2**64 else "train"
@@ -253,7 +273,8 @@ def build_corpus(sources: list[str | Path], out: str | Path, *, languages: Seque
         shards = _write_shards(stage, entries, starts)
         manifest = {
             "format": FORMAT, "tokenizer": tokenizer_kind, "sources": [str(r) for r in roots],
-            "options": {"languages": list(languages), "licenses": list(licenses), "max_bytes": max_bytes,
+            "options": {"languages": list(languages), "licenses": list(licenses), "declared_licenses": declared,
+                        "max_bytes": max_bytes,
                         "near_dup_threshold": near_dup_threshold, "val_fraction": val_fraction,
                         "minhash": {"num_perm": NUM_PERM, "seed": MINHASH_SEED, "shingle_words": SHINGLE_WORDS}},
             "totals": {s: {key: sum(1 if key == "files" else e[key] for e in entries if e["split"] == s)
@@ -276,6 +297,50 @@ def build_corpus(sources: list[str | Path], out: str | Path, *, languages: Seque
         return manifest
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_declared(roots: list[Path], declared: dict[str | Path, str]) -> dict[str, str]:
+    """Source directory (absolute, as in ``roots``) -> its declared license, normalised; clear errors."""
+    out = {}
+    for directory, expr in declared.items():
+        root = str(Path(os.path.abspath(directory)))
+        if root not in map(str, roots):
+            raise ValueError(f"a license is declared for {directory}, which is not one of the sources "
+                             f"({', '.join(map(str, roots))}); declare it for a --source directory as given")
+        lic = normalize_license(expr, spdx=True)
+        if not lic or not valid_expression(lic):
+            raise ValueError(f"the license declared for {directory}, {expr!r}, is not an SPDX expression "
+                             "(e.g. MIT, Apache-2.0 OR MIT, LicenseRef-Proprietary)")
+        out[root] = lic
+    return out
+
+
+def _why_empty(roots: list[Path], languages: Sequence[str], licenses: Sequence[str], n_found: int,
+               dropped: Counter, refused: Counter) -> str:
+    """Why a build kept no file: every drop reason with its count, and what to do about the licenses."""
+    where = ", ".join(map(str, roots))
+    if not n_found:
+        exts = " ".join(ext for lang in languages for ext in LANGUAGES[lang])
+        return f"no files to build a corpus from: none of {where} holds {'/'.join(languages)} files ({exts})"
+    lines = [f"empty corpus: all {n_found} files found in {where} were dropped: "
+             + ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())]
+    if refused:
+        lines.append("refused licenses: " + ", ".join(f"{lic} ({n})" for lic, n in
+                                                      sorted(refused.items(), key=lambda x: (-x[1], x[0])))
+                     + f"; allowed: {', '.join(licenses)} (--licenses)")
+    if refused.get("unknown"):
+        lines.append("'unknown': no package metadata, no SPDX-License-Identifier header and no LICENSE/COPYING "
+                     "file in the file's directory or above it within the source. If you may use these files, "
+                     "declare their license: --source-license DIR=SPDX (e.g. LicenseRef-Proprietary for your own "
+                     "code)")
+        for root in roots:  # the case of a folder inside a project: its LICENSE is further up
+            above = next((up / f for up in root.parents if os.access(up, os.R_OK | os.X_OK)
+                          for f in sorted(os.listdir(up)) if LICENSE_FILE.fullmatch(f) and (up / f).is_file()), None)
+            if above:
+                lic = classify_license_text(above.read_text(errors="replace"))
+                lines.append(f"{root}: the nearest license file above it, {above}, reads as {lic or 'unrecognised'}"
+                             + (f"; if it covers this source: --source-license {root}={lic}" if lic else ""))
+    return "\n".join(lines)
 
 
 def _tally(entries: list[dict], key: str) -> dict[str, dict[str, int]]:

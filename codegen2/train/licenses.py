@@ -10,7 +10,8 @@ import re
 from importlib.metadata import PathDistribution
 from pathlib import Path
 
-DEFAULT_LICENSES = ("MIT", "BSD-2-Clause", "BSD-3-Clause", "Apache-2.0", "PSF-2.0", "ISC", "Unlicense", "0BSD", "Zlib")
+DEFAULT_LICENSES = ("MIT", "MIT-0", "BSD-2-Clause", "BSD-3-Clause", "Apache-2.0", "PSF-2.0", "ISC", "Unlicense", "0BSD",
+                    "Zlib", "CC0-1.0")
 # Free-form license names (metadata ``License:``, classifiers) -> SPDX-ish ids; first match wins, so the GNU
 # variants come before plain GPL and the BSD variants before plain BSD.
 _NAME_RULES = [(r"affero|agpl", "AGPL-3.0"), (r"lesser|library general|lgpl", "LGPL"),
@@ -18,7 +19,8 @@ _NAME_RULES = [(r"affero|agpl", "AGPL-3.0"), (r"lesser|library general|lgpl", "L
                (r"python software foundation|\bpsf", "PSF-2.0"), (r"apache", "Apache-2.0"),
                (r"0bsd|zero.clause", "0BSD"), (r"bsd.?2|2.clause|two.clause|simplified|freebsd", "BSD-2-Clause"),
                (r"bsd", "BSD-3-Clause"),  # "BSD License" with no clause count: read as the stricter 3-clause
-               (r"\bmit\b|expat", "MIT"), (r"\bisc\b", "ISC"), (r"unlicense", "Unlicense"), (r"zlib", "Zlib")]
+               (r"mit-0|mit no attribution", "MIT-0"), (r"\bmit\b|expat", "MIT"), (r"\bisc\b", "ISC"),
+               (r"unlicense", "Unlicense"), (r"zlib", "Zlib"), (r"\bcc0\b|creative commons zero", "CC0-1.0")]
 # License texts -> ids, on lowercased single-spaced text. The rule matching *earliest* wins: CPython's
 # LICENSE.txt is the PSF license followed by the 0BSD text, a GPL-3.0 text mentions the Affero GPL later on.
 _TEXT_RULES = [(r"gnu affero general public license", "AGPL-3.0"),
@@ -29,9 +31,9 @@ _TEXT_RULES = [(r"gnu affero general public license", "AGPL-3.0"),
                (r"distribute this software for any purpose with or without fee is hereby granted, provided", "ISC"),
                (r"distribute this software for any purpose with or without fee is hereby granted\.", "0BSD"),
                (r"this is free and unencumbered software released into the public domain", "Unlicense"),
-               (r"altered source versions must be plainly marked", "Zlib")]
+               (r"altered source versions must be plainly marked", "Zlib"), (r"\bcc0 1\.0 universal", "CC0-1.0")]
 _KNOWN = {lic.lower(): lic for lic in (*DEFAULT_LICENSES, "GPL-2.0", "GPL-3.0", "LGPL-2.1", "LGPL-3.0", "AGPL-3.0",
-                                        "MPL-2.0", "MIT-0", "CC0-1.0", "BSL-1.0")}
+                                        "MPL-2.0", "BSL-1.0")}
 
 
 def classify_license_text(text: str) -> str | None:
@@ -43,6 +45,8 @@ def classify_license_text(text: str) -> str | None:
     lic = min(hits)[1]
     if lic == "BSD":  # the 3-clause text adds the no-endorsement clause
         return "BSD-3-Clause" if "endorse or promote" in low else "BSD-2-Clause"
+    if lic == "MIT" and re.search(r"mit no attribution|furnished to do so\. the software is provided", low):
+        return "MIT-0"  # MIT's grant without its one condition (keeping the notice)
     return lic
 
 
@@ -96,6 +100,12 @@ def license_allowed(expr: str | None, allow: set[str]) -> bool:
         return bool(tokens) and parse(0) and pos == len(tokens)
     except IndexError:  # malformed expression: refuse
         return False
+
+
+def valid_expression(expr: str) -> bool:
+    """Whether ``expr`` is a well-formed SPDX expression (ids joined by AND / OR, with parentheses)."""
+    ids = {t.lower() for t in re.findall(r"[^\s()]+", expr) if t.upper() not in ("AND", "OR", "WITH")}
+    return license_allowed(expr, ids)
 
 
 def dist_license(info: Path) -> str | None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from codegen2.models.loss import IGNORE
 from codegen2.train import checkpoint
-from codegen2.train.config import ModelSection, OptimSection, TrainConfig
+from codegen2.train.config import LoRASection, ModelSection, OptimSection, TrainConfig
 from codegen2.train.evaluate import evaluate
 from codegen2.train.metrics import (
     append_jsonl,
@@ -37,11 +37,21 @@ from codegen2.train.parallelize import init_distributed, parallelize
 # --- model ------------------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: ModelSection) -> tuple[nn.Module, str | None]:
-    """The model to train (fp32 master weights, train mode) and the directory its tokenizer files come from."""
+def build_model(cfg: ModelSection, lora: LoRASection | None = None, dtype: str = "fp32"
+                ) -> tuple[nn.Module, str | None]:
+    """The model to train (train mode) and the directory its tokenizer files come from: fp32 master weights, or
+    with LoRA a frozen base in ``dtype`` (or int8) under trainable fp32 adapters (train/lora.py)."""
     from codegen2.models import build, config_from_dict, preset_config
     from codegen2.models.checkpoint import load_model, resolve
 
+    if cfg.init_from and lora is not None and lora.rank:
+        from codegen2.train.lora import prepare_lora
+
+        source = resolve(cfg.init_from)
+        base = torch.bfloat16 if dtype == "bf16" else torch.float32
+        # Read straight into the base's dtype: never written to, so no private copy of mapped tensors either.
+        model = prepare_lora(load_model(source, dtype=base), lora.rank, lora.alpha, lora.targets, lora.quant, base)
+        return model.train(), str(source)
     if cfg.init_from:
         source = resolve(cfg.init_from)
         model = load_model(source, dtype=torch.float32)
@@ -96,7 +106,7 @@ class Trainer:
         self.out = Path(run.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(run.seed)
-        model, self.tokenizer_dir = build_model(cfg.model)
+        model, self.tokenizer_dir = build_model(cfg.model, cfg.lora, self.dtype)
         self.tokenizer = self._tokenizer(model)
         self.model_config = model.config
         if not cfg.data.corpus:
@@ -111,14 +121,21 @@ class Trainer:
                              f"{model.config.max_seq_len} positions")
         self.stream = RowStream(train_corpus, self.tokenizer, cfg.objective, cfg.data.seq_len, run.seed,
                                 workers=run.data_workers)
-        self.n_params = sum(p.numel() for p in model.parameters())  # a tied output weight counted once
-        # Parameters of matrix products (for MFU): all but the embedding lookup; a tied output layer counts.
-        self.n_matmul = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
-                            if not n.startswith("tok_embeddings"))
+        # Weights counted once (a tied output weight); an int8 base's weights are buffers.
+        int8 = [(n, b) for n, b in model.named_buffers() if n.endswith(".weight")]
+        self.n_params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for _, b in int8)
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # Parameters of matrix products (for MFU): all but the embedding lookup; a tied output layer counts. Those
+        # frozen (LoRA's base) cost 4 flops per token instead of 6: no weight gradient is formed.
+        matmul = [(n, p) for n, p in [*model.named_parameters(remove_duplicate=False), *int8]
+                  if not n.startswith("tok_embeddings")]
+        self.n_matmul = sum(p.numel() for _, p in matmul)
+        self.n_frozen_matmul = sum(p.numel() for _, p in matmul if not p.requires_grad)
         self.model = parallelize(model.to(device), world_size=self.world,
                                  activation_checkpointing=run.activation_checkpointing, compile=run.compile)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "tok_embeddings" not in n]
-        other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "tok_embeddings" not in n)]
+        trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]  # LoRA: the adapters
+        decay = [p for n, p in trained if p.ndim >= 2 and "tok_embeddings" not in n]
+        other = [p for n, p in trained if not (p.ndim >= 2 and "tok_embeddings" not in n)]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}],
@@ -216,11 +233,13 @@ def train(cfg: TrainConfig) -> Path:
             writer = SummaryWriter(str(t.out / "tensorboard"))
         except ImportError:
             pass
-    # PaLM's count: 6 flops per non-embedding parameter and token, plus attention's scores and mixing.
-    flops_per_token = 6 * t.n_matmul \
+    # PaLM's count: 6 flops per non-embedding parameter and token (4 if frozen), plus attention's scores and mixing.
+    flops_per_token = 6 * t.n_matmul - 2 * t.n_frozen_matmul \
         + 12 * t.model_config.n_layers * t.model_config.n_kv_heads * t.model_config.head_dim * cfg.data.seq_len
     peak = peak_flops(run, t.device)
-    t.log(f"training {t.n_params / 1e6:.1f}M parameters on {t.world} x {t.device.type} ({t.dtype}), "
+    base = " on an int8 base" if cfg.lora.quant == "int8" else ""
+    lora = f" (LoRA rank {cfg.lora.rank}{base}: {t.n_trainable / 1e6:.2f}M trained)" if cfg.lora.rank else ""
+    t.log(f"training {t.n_params / 1e6:.1f}M parameters{lora} on {t.world} x {t.device.type} ({t.dtype}), "
           f"{o.batch_size} x {cfg.data.seq_len} tokens per step, steps {t.step} -> {o.max_steps}")
     def run_evaluation() -> None:
         ev = evaluate(t)
