@@ -38,6 +38,7 @@ from codegen2.engine.sampling import (
 )
 from codegen2.engine.scheduler import Scheduler, Sequence
 from codegen2.engine.speculative import DraftProposer, NgramProposer, SpeculativeConfig
+from codegen2.engine.threads import ThreadGovernor
 from codegen2.models.checkpoint import check_device  # noqa: F401  (the server reaches models only through the engine)
 from codegen2.models.kv_cache import KVCache
 
@@ -124,10 +125,11 @@ class _Request:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 16, max_seq_len: int | None = None,
                  kv_cache_bytes: int = 4 << 30, prefill_chunk: int = 256,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, adapt_threads: bool = True) -> None:
         """max_batch sequences run at once, each with a KV-cache slot of max_seq_len positions (default: the
         model's context), as many as fit in kv_cache_bytes; further requests wait in a queue. speculative: draft
-        tokens proposed by prompt lookup or a draft model and verified in the decode pass (speculative.py)."""
+        tokens proposed by prompt lookup or a draft model and verified in the decode pass (speculative.py).
+        adapt_threads: on a CPU, use fewer of torch's threads while other processes keep cores busy (threads.py)."""
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -158,6 +160,8 @@ class Engine:
             self._vocab = InfillVocab.of(tokenizer)
             self._proposer = DraftProposer(speculative, n_slots, self.max_seq_len, self._vocab, prefill_chunk)
         self._drafted = self._accepted = 0
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        self._threads = ThreadGovernor() if adapt_threads and on_cpu else None
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, dtype: str = "bf16", device: str = "cpu", quant: str | None = None,
@@ -167,7 +171,7 @@ class Engine:
         (codegen2.kernels), load its tokenizer, and build an engine (``engine_args``: see ``Engine``).
         speculative: "ngram" (prompt lookup) or "draft:DIR" (a smaller model with the same tokenizer, loaded the
         same way), proposing num_speculative_tokens drafts per step."""
-        from codegen2.kernels import prepare_for_inference
+        from codegen2.kernels import prepare_for_inference, quantizer
         from codegen2.models.checkpoint import load_model, resolve
         from codegen2.tokenizer import load_tokenizer
 
@@ -178,10 +182,13 @@ class Engine:
                 raise ValueError(f"speculative must be 'ngram' or 'draft:DIR', got {speculative!r}")
             draft = None
             if method == "draft":
-                draft = prepare_for_inference(load_model(resolve(where), dtype=dtype, device=device), quant)
+                draft = prepare_for_inference(load_model(resolve(where), dtype=dtype, device=device,
+                                                         on_block=quantizer(quant)), quant)
             spec = SpeculativeConfig(method, num_speculative_tokens, draft=draft)
         directory = resolve(model)
-        loaded = prepare_for_inference(load_model(directory, dtype=dtype, device=device, mp_num=mp_num), quant)
+        # Quantized formats are applied block by block while loading: no second copy of the weights.
+        loaded = prepare_for_inference(load_model(directory, dtype=dtype, device=device, mp_num=mp_num,
+                                                  on_block=quantizer(quant)), quant)
         return cls(loaded, load_tokenizer(directory), speculative=spec, **engine_args)
 
     # --- requests ---------------------------------------------------------------------------------------------
@@ -245,6 +252,8 @@ class Engine:
         finish_reason "abort" and ``error`` set, and the others go on; a failed batched forward pass is retried
         row by row to find the rows at fault."""
         outputs, self._pending = self._pending, []
+        if self._threads is not None:
+            self._threads.update()
         batch = self.scheduler.schedule()
         for src, dst, length in batch.copies:
             self.runner.copy_prefix(src, dst, length)

@@ -265,8 +265,8 @@ struct Int8Kernel {
 // +8 offset is removed with one subtraction, and vpmaddwd does the rest. A group's int32 sums are converted and
 // scaled once per group: the only float work, 1 FMA per 8 lanes of G / 2 multiply-adds.
 // Overflow: a lane gains at most 2 * 8 * 32767 < 2^20 per chunk, and a group has at most 8 chunks (G <= 256).
-// One token per pass (the 4 rows' int32 and fp32 sums fill the registers); for several tokens the block is read
-// again from L1/L2, so prefill-sized products are slower than int8's (decode is what int4 is for).
+// One token: all 4 rows per pass. Two tokens: 2 rows at a time, so that 2 x 2 int32 and fp32 sums, the 4
+// activation vectors and the unpacked weights fit the 16 registers, and each unpacked chunk serves both tokens.
 
 constexpr int kGroupChunk = 32;  // int4: columns per packed chunk
 
@@ -298,6 +298,42 @@ inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups,
   for (int r = 0; r < kRows; ++r) out[r] = hsum(facc[r]);
 }
 
+// Two tokens, rows r0 and r0 + 1 of the block; out[m * kRows + r].
+inline void int4_pair(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg, const int16_t* xq,
+                      int64_t Kp, int r0, float* out) {
+  const __m256i low = _mm256_set1_epi16(0x0F), eight = _mm256_set1_epi16(8);
+  __m256 facc[2][2];
+  for (int m = 0; m < 2; ++m)
+    for (int r = 0; r < 2; ++r) facc[m][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    __m256i iacc[2][2];
+    for (int m = 0; m < 2; ++m)
+      for (int r = 0; r < 2; ++r) iacc[m][r] = _mm256_setzero_si256();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* wc = w + c * kRows * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch), _MM_HINT_T0);
+      __m256i xlo[2], xhi[2];
+      for (int m = 0; m < 2; ++m) {
+        xlo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kGroupChunk));
+        xhi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kGroupChunk + 16));
+      }
+      for (int r = 0; r < 2; ++r) {
+        const __m256i v =
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wc + (r0 + r) * 16)));
+        const __m256i lo = _mm256_sub_epi16(_mm256_and_si256(v, low), eight);
+        const __m256i hi = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);
+        for (int m = 0; m < 2; ++m) iacc[m][r] = dot_add(dot_add(iacc[m][r], lo, xlo[m]), hi, xhi[m]);
+      }
+    }
+    for (int r = 0; r < 2; ++r) {
+      const __m256 s = _mm256_set1_ps(bf16_to_float(scale[g * kRows + r0 + r]));
+      for (int m = 0; m < 2; ++m) facc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][r]), s, facc[m][r]);
+    }
+  }
+  for (int m = 0; m < 2; ++m)
+    for (int r = 0; r < 2; ++r) out[m * kRows + r0 + r] = hsum(facc[m][r]);
+}
+
 struct Int4Kernel {
   const uint8_t* w;        // packed (Nb, Kp / 32, 4, 16)
   const uint16_t* scale;   // bf16 (Nb, ngroups, 4)
@@ -306,10 +342,15 @@ struct Int4Kernel {
 
   template <int MB>
   void block(int64_t b, int64_t m0, float* out) const {
+    static_assert(MB == 1 || MB == 2, "int4: one or two tokens per pass");
     const int64_t cpg = Kp / kGroupChunk / ngroups;
-    for (int m = 0; m < MB; ++m)
-      int4_block(w + b * kRows * Kp / 2, scale + b * ngroups * kRows, ngroups, cpg, xq + (m0 + m) * Kp,
-                 out + m * kRows);
+    const uint8_t* wb = w + b * kRows * Kp / 2;
+    const uint16_t* sb = scale + b * ngroups * kRows;
+    if (MB == 1) {
+      int4_block(wb, sb, ngroups, cpg, xq + m0 * Kp, out);
+    } else {
+      for (int r0 = 0; r0 < kRows; r0 += 2) int4_pair(wb, sb, ngroups, cpg, xq + m0 * Kp, Kp, r0, out);
+    }
   }
 };
 
