@@ -37,7 +37,7 @@ def train_model(work: Path, steps: int, dim: int) -> Path:
         "model.shape.rotary_dim=16", "model.shape.max_seq_len=512", f"data.corpus={corpus}", "data.seq_len=128",
         "optim.batch_size=8", "optim.micro_batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=20",
         f"optim.max_steps={steps}", f"run.out_dir={work / 'run'}", "run.eval_every=0",
-        f"run.checkpoint_every={steps}", 'run.export_dtype="fp32"'])
+        f"run.checkpoint_every={steps}", "run.export_dtype=fp32"])
     train(cfg)
     return model_dir
 
