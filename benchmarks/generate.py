@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py                       # CodeGen2-1B shape, bf16
     python benchmarks/generate.py --preset codegen25-7b-multi --skip-reference-concurrent
-    python benchmarks/generate.py --modes bf16,int8     # also our int8 weight-only mode
+    python benchmarks/generate.py --modes bf16,int8,int4   # also our int8 / int4 weight-only modes
 
 Measures, each side in its own process (so peak memory is its own):
 - batch-1 decode tokens/s (greedy, eos ignored), also as % of the machine's read-bandwidth bound
@@ -72,7 +72,7 @@ def run_ours(directory: str, mode: str, decode_tokens: int) -> dict:
     from codegen2.engine.engine import Engine
     from codegen2.engine.sampling import SamplingParams
 
-    engine = Engine.from_pretrained(directory, dtype="bf16", quant="int8" if mode == "int8" else None,
+    engine = Engine.from_pretrained(directory, dtype="bf16", quant=mode if mode in ("int8", "int4") else None,
                                     max_batch=CONCURRENT, max_seq_len=PROMPT_LEN + NEW_TOKENS + 64)
     greedy = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
 
@@ -138,7 +138,7 @@ def child(args: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="codegen2-1B")
-    ap.add_argument("--modes", default="bf16", help="ours: comma-separated of bf16 (fast kernels), int8, "
+    ap.add_argument("--modes", default="bf16", help="ours: comma-separated of bf16 (fast kernels), int8, int4, "
                     "bf16-torch (plain torch linear)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--full-reference", action="store_true", help="run all 16 reference requests")

@@ -1,9 +1,10 @@
 """Peak memory of loading a 7B-shape checkpoint: writes random bf16 weights of a real shape, then loads them
-with codegen2 in a fresh process and reports peak RSS against the size of the weights.
+with codegen2 in a fresh process per weight format and reports peak RSS against the size of the weights.
 
-    python benchmarks/load_memory.py --preset codegen25-7b-multi --dir /tmp/cg25-7b
+    python benchmarks/load_memory.py --preset codegen25-7b-multi --dir /tmp/cg25-7b [--quant none,int8,int4]
 
-Needs ~14 GB of disk for a 7B model. Prints a table and one JSON line.
+int8 / int4 are quantized block by block while loading (codegen2.kernels.quantizer), as Engine.from_pretrained
+does. Needs ~14 GB of disk for a 7B model (32 GB for codegen2-16B). Prints a line per format and one JSON line.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def write_random_checkpoint(preset: str, directory: Path, shard_bytes: int = 2 <
 
 LOAD = """
 import sys, time, torch
+from codegen2.kernels import prepare_for_inference, quantizer
 from codegen2.models.checkpoint import load_model
 
 def hwm():  # peak RSS of this process (VmHWM starts afresh at exec, unlike getrusage's ru_maxrss)
@@ -57,7 +59,8 @@ def hwm():  # peak RSS of this process (VmHWM starts afresh at exec, unlike getr
 
 base = hwm()
 t = time.perf_counter()
-model = load_model(sys.argv[1], dtype="bf16")
+quant = sys.argv[2]
+model = prepare_for_inference(load_model(sys.argv[1], dtype="bf16", on_block=quantizer(quant)), quant)
 seconds = time.perf_counter() - t
 after_load = hwm()
 with torch.inference_mode():  # a forward pass touches every weight page
@@ -71,22 +74,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="codegen25-7b-multi")
     ap.add_argument("--dir", type=Path, required=True, help="where the random checkpoint is (or will be) written")
+    ap.add_argument("--quant", default="none", help="comma-separated weight formats: none, int8, int4")
     args = ap.parse_args()
     weights = None
     if not (args.dir / "config.json").exists():
         weights = write_random_checkpoint(args.preset, args.dir)
     weights = weights or sum(p.stat().st_size for p in args.dir.glob("*.safetensors"))
-    out = subprocess.run([sys.executable, "-c", LOAD, str(args.dir)], capture_output=True, text=True, check=True)
-    base, after_load, peak, seconds = out.stdout.split()
-    base, after_load, peak, seconds = int(base), int(after_load), int(peak), float(seconds)
     gib = 1 << 30
-    print(f"preset {args.preset}: weights {weights / gib:.2f} GiB bf16, load {seconds:.1f} s")
-    print(f"peak RSS {after_load / gib:.2f} GiB after loading, {peak / gib:.2f} GiB after a forward pass "
-          f"(process before loading: {base / gib:.2f} GiB); peak / weights = {peak / weights:.2f}")
-    print(json.dumps({"bench": "load_memory", "preset": args.preset, "weights_bytes": weights,
-                      "peak_rss_after_load_bytes": after_load, "peak_rss_after_forward_bytes": peak,
-                      "base_rss_bytes": base, "load_seconds": seconds,
-                      "peak_over_weights": round(peak / weights, 3)}))
+    print(f"preset {args.preset}: weights {weights / gib:.2f} GiB bf16")
+    results = {}
+    for quant in args.quant.split(","):
+        out = subprocess.run([sys.executable, "-c", LOAD, str(args.dir), quant], capture_output=True, text=True,
+                             check=True)
+        base, after_load, peak, seconds = out.stdout.split()
+        base, after_load, peak, seconds = int(base), int(after_load), int(peak), float(seconds)
+        print(f"{quant:5}: load {seconds:.1f} s, peak RSS {after_load / gib:.2f} GiB after loading, "
+              f"{peak / gib:.2f} GiB after a forward pass (process before loading: {base / gib:.2f} GiB); "
+              f"peak / bf16 weights = {peak / weights:.2f}", flush=True)
+        results[quant] = {"peak_rss_after_load_bytes": after_load, "peak_rss_after_forward_bytes": peak,
+                          "base_rss_bytes": base, "load_seconds": seconds,
+                          "peak_over_weights": round(peak / weights, 3)}
+    print(json.dumps({"bench": "load_memory", "preset": args.preset, "weights_bytes": weights, "results": results}))
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mp-num", type=int, choices=[4, 8], help="override CodeGen2's detected qkv layout")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter for --model (peft's format, e.g. a "
                    "`codegen2 train` run's adapter/), applied without merging")
-    p.add_argument("--quant", default="none", choices=["none", "int8"],
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
                    help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (about 2x faster "
-                        "decode on CPU)")
+                        "decode on CPU), int4 = weight-only int4 in groups of 32 (a quarter of bf16's memory)")
     p.add_argument("--speculative", metavar="ngram|draft:DIR",
                    help="speculative decoding: prompt lookup (ngram) or a smaller draft model with the same tokenizer")
     p.add_argument("--num-speculative-tokens", type=int, default=5, help="drafts per step (default 5)")

@@ -7,8 +7,15 @@ each is built once per session; tests that need an unusual one (sharded, tied, b
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The engine's thread governor (engine/threads.py) changes torch's thread count while other processes are busy,
+# and torch's own fp32 kernels may round differently at another count; tests compare runs token for token, so
+# the whole suite (and every process it starts) keeps the count fixed. tests/test_threads.py tests the governor.
+os.environ["CODEGEN2_ADAPT_THREADS"] = "0"
 
 VOCAB = 51200  # the real vocabulary size, so the real tokenizers work with these models
 

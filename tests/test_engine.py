@@ -16,7 +16,7 @@ from codegen2.engine.engine import Engine
 from codegen2.engine.errors import InvalidRequest
 from codegen2.engine.sampling import SamplingParams, apply_penalties, filter_logits, sample, sample_batch
 from codegen2.infill import Infill, infill_prompt
-from codegen2.kernels import DecodeLinear, prepare_for_inference
+from codegen2.kernels import DecodeLinear, prepare_for_inference, quantizer
 from codegen2.models.checkpoint import load_model
 from codegen2.models.kv_cache import KVCache
 from codegen2.tokenizer import CodeGen2Tokenizer, CodeGen25Tokenizer
@@ -396,3 +396,28 @@ def test_native_kernels_follow_the_bf16_model(codegen_dir, quant):
     # The logits of this 2-layer model are ~3 at most: bf16 kernels and the bf16 cache only round differently
     # (measured <= 0.025 over three prompts on AVX2); int8 rows carry 1/254 of their range of error (<= 0.051).
     assert float((own - ref).abs().max()) < (0.06 if quant is None else 0.15)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("family", ["codegen", "llama"])
+def test_quantize_while_loading_equals_quantize_after(request, family, quant):
+    """load_model(on_block=quantizer(q)) then prepare_for_inference(q): the same int weights, scales and logits
+    as quantizing after a full load; the bf16 block weights are not kept (each is released with its block)."""
+    directory = request.getfixturevalue(f"{family}_dir")
+    after = prepare_for_inference(load_model(directory, dtype="bf16"), quant)
+    seen = []
+    hook = quantizer(quant)
+    streamed = load_model(directory, dtype="bf16", on_block=lambda block: seen.append(hook(block)))
+    assert len(seen) == streamed.config.n_layers and all(
+        type(m) is not torch.nn.Linear for b in seen for m in b.modules())  # each block done before the next
+    prepare_for_inference(streamed, quant)
+    a, b = after.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(after(tokens), streamed(tokens))
+    with pytest.raises(ValueError, match="already"):
+        prepare_for_inference(streamed, quant)
+    other = "int4" if quant == "int8" else "int8"
+    with pytest.raises(ValueError, match=f"already {quant}, not {other}"):
+        prepare_for_inference(load_model(directory, dtype="bf16", on_block=hook), other)

@@ -1,7 +1,8 @@
 """DecodeLinear and prepare_for_inference: native kernels and the PyTorch fallback against fp32 references.
 
-The native tests are skipped where the kernels cannot be built (no AVX2/FMA, no compiler); the fallback tests
-always run. The first run in a fresh cache compiles the extension once (~15-20 s), shared by the whole session.
+The native tests run once per CPU level (native.LEVELS), forced with CODEGEN2_KERNEL_LEVEL; a level the CPU
+lacks is skipped with the flags it misses, and all of them where the kernels cannot be built (no AVX2/FMA, no
+compiler); the fallback tests always run. The first run in a fresh cache compiles the extension once (~15-20 s), shared by the whole session.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from codegen2 import kernels
-from codegen2.kernels import (DecodeLinear, kernels_available, pack_int8, prepare_for_inference, quantize_int8,
-                              swap_linears, unpack_int8)
+from codegen2.kernels import (LEVELS, DecodeLinear, kernels_available, pack_int4, pack_int8, prepare_for_inference,
+                              quantize_int4, quantize_int8, swap_linears, unpack_int4, unpack_int8)
 from codegen2.kernels import linear as linear_module
 from codegen2.kernels import native as native_module
 from codegen2.models.codegen2 import CodeGen2, CodeGen2Config
@@ -35,14 +36,21 @@ def native() -> bool:
     return kernels_available()
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=[*LEVELS, "torch"])
 def path(request, native, monkeypatch) -> str:
-    """Each test runs on both paths; the layer reads the choice when it is built."""
-    if request.param == "native" and not native:
-        pytest.skip("native kernels unavailable on this machine")
+    """Each test runs on every native level the CPU has and on the fallback; the layer reads the choice when it is
+    built. Returns "native" or "torch"."""
     if request.param == "torch":
         monkeypatch.setenv(kernels.ENV_VAR, "torch")
-    return request.param
+        return "torch"
+    if not native:
+        pytest.skip("native kernels unavailable on this machine")
+    missing = sorted(LEVELS[request.param][0] - native_module.cpu_flags())
+    if missing:
+        pytest.skip(f"CPU lacks {', '.join(missing)}: level {request.param} not run here")
+    monkeypatch.setenv(kernels.LEVEL_VAR, request.param)
+    assert kernels_available()
+    return "native"
 
 
 def make_linear(N: int, K: int, bias: bool, seed: int = 0) -> nn.Linear:
@@ -125,17 +133,66 @@ def test_pack_int8_layout(N, K):
     assert int(w.abs().sum()) == int(q.abs().sum())  # the padding is zeros
 
 
+def test_quantize_int4_error_bound():
+    torch.manual_seed(0)
+    w = torch.randn(300, 77).bfloat16()  # 3 groups of 32, the last one 13 columns
+    w[5] = 0  # all-zero groups
+    w[6, 32:64] = 1e-30  # a tiny group: its scale must not underflow to a wrong q
+    q, s = quantize_int4(w, 32)
+    assert q.dtype == torch.int8 and s.dtype == torch.bfloat16 and q.shape == (300, 77) and s.shape == (300, 3)
+    assert int(q.abs().max()) <= 7
+    assert not s[5].any() and not q[5].any()
+    s_full = s.float().repeat_interleave(32, dim=1)[:, :77]  # (N, K): each weight's scale
+    # The largest entry of each group maps to +-7 (nothing is clipped).
+    amax_q = F.pad(q.abs(), (0, 19)).view(300, 3, 32).amax(2)
+    assert bool((amax_q[s > 0] == 7).all())
+    # Round to nearest: |w - q s| <= s / 2 (plus fp32 rounding of the division).
+    err = (w.float() - q.float() * s_full).abs()
+    assert bool((err <= s_full * (0.5 + 1e-5)).all())
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_int4(w, 48)
+
+
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("G", [32, 128])
+def test_pack_int4_layout(N, K, G):
+    q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+    s = torch.rand(N, -(-K // G)).bfloat16()
+    w, sp = pack_int4(q, s, G)
+    Kp = -(-K // G) * G
+    assert w.dtype == torch.uint8 and w.shape == (-(-N // 4), Kp // 32, 4, 16)
+    assert sp.shape == (-(-N // 4), Kp // G, 4)
+    # Spot checks of the documented layout: low nibble column 32c + j, high nibble 32c + 16 + j, offset 8.
+    if K > 18 and N > 1:
+        assert int(w[0, 0, 1, 2]) == (int(q[1, 2]) + 8) | ((int(q[1, 18]) + 8) << 4)
+        assert float(sp[0, 0, 1]) == float(s[1, 0])
+    q2, s2 = unpack_int4(w, sp, N, K)
+    assert torch.equal(q2, q) and torch.equal(s2, s)
+
+
+def quantized(lin: nn.Linear, mode: str) -> tuple[DecodeLinear, torch.Tensor]:
+    """The layer and, independently, its weight quantized here and dequantized in fp32 (N, K)."""
+    layer = DecodeLinear.from_linear(lin, mode)
+    N, K = lin.weight.shape
+    if mode == "int8":
+        assert layer.weight.dtype == torch.int8 and layer.scale.dtype == torch.float32
+        q, s = quantize_int8(lin.weight.detach())
+        assert torch.equal(unpack_int8(layer.weight, N, K), q) and torch.equal(layer.scale, s)
+        return layer, q.float() * s[:, None]
+    assert layer.weight.dtype == torch.uint8 and layer.scale.dtype == torch.bfloat16 and layer.group_size == 32
+    q, s = quantize_int4(lin.weight.detach(), 32)
+    q2, s2 = unpack_int4(layer.weight, layer.scale, N, K)
+    assert torch.equal(q2, q) and torch.equal(s2, s)
+    return layer, q.float() * s.float().repeat_interleave(32, dim=1)[:, :K]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_matches_dequantized_reference(path, N, K, bias):
+def test_quantized_matches_dequantized_reference(path, mode, N, K, bias):
     lin = make_linear(N, K, bias, seed=1)
-    layer = DecodeLinear.from_linear(lin, "int8")
+    layer, w_deq = quantized(lin, mode)
     b = None if lin.bias is None else lin.bias.detach().float()
-    assert layer.weight.dtype == torch.int8 and layer.scale.dtype == torch.float32
-    # Independent reference: the weight quantized here, dequantized in fp32.
-    q, s = quantize_int8(lin.weight.detach())
-    assert torch.equal(unpack_int8(layer.weight, N, K), q) and torch.equal(layer.scale, s)
-    w_deq = q.float() * s[:, None]
     for M in MS:
         x = torch.randn(M, K).bfloat16()
         ref = F.linear(x.float(), w_deq, b)
@@ -146,7 +203,7 @@ def test_int8_matches_dequantized_reference(path, N, K, bias):
         # dequantized weight is rounded to bf16 (U of each |w x|). Both: one final bf16 rounding and fp32
         # summation noise.
         abs_wx = F.linear(x.float().abs(), w_deq.abs())  # (M, N): sum_k |w_nk x_mk|
-        assert layer.path(M, x) == path  # int8 takes one path for every M on every CPU
+        assert layer.path(M, x) == path  # int8 / int4 take one path for every M on every CPU
         if layer.path(M, x) == "native":
             step = x.float().abs().amax(1, keepdim=True) / 32767
             input_err = 0.5 * step * w_deq.abs().sum(1)
@@ -157,18 +214,46 @@ def test_int8_matches_dequantized_reference(path, N, K, bias):
         assert bool((err <= bound).all()), f"M={M}: worst excess {float((err - bound).max())}"
 
 
-def test_int8_fp32_input_and_nonfinite(path):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_fp32_input_and_nonfinite(path, mode):
     lin = make_linear(20, 64, bias=True)
-    layer = DecodeLinear.from_linear(lin, "int8")
+    layer, w_deq = quantized(lin, mode)
     x = torch.randn(3, 64)
     y = layer(x)
     assert y.dtype == torch.float32
-    w_deq = unpack_int8(layer.weight, 20, 64).float() * layer.scale[:, None]
     ref = F.linear(x, w_deq, lin.bias.detach().float())
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
     x[1, 7] = float("nan")
     y = layer(x)
     assert bool(y[1].isnan().all()) and bool(y[[0, 2]].isfinite().all())
+
+
+def test_int4_native_equals_fallback_on_exact_inputs(native, monkeypatch):
+    """Inputs on which the fallback is exact and the kernel's only error is its fp32 summation: x in {-1, 0, 1}
+    with max|x| = 1 (so its int16 quantization is exact), q in [-8, 7], scales powers of two (every dequantized
+    weight exact in bf16, every product exact). Any layout, nibble or group slip shows as an error of at least
+    one scale step, ~1e5 times the bound."""
+    if not native:
+        pytest.skip("native kernels unavailable on this machine")
+    g = torch.Generator().manual_seed(0)
+    N, K, G = 37, 200, 64  # ragged rows, a short last group
+    q = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+    s = (2.0 ** torch.randint(-6, 3, (N, -(-K // G)), generator=g)).bfloat16()
+    x = torch.randint(-1, 2, (5, K), generator=g).float()
+    x[:, 0] = 1.0
+    nat = DecodeLinear(q, None, s, G)
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    fallback = DecodeLinear(q, None, s, G)
+    assert nat.native and not fallback.native
+    w = q.double() * s.double().repeat_interleave(G, dim=1)[:, :K]
+    exact = F.linear(x.double(), w)
+    assert torch.equal(fallback(x).double(), exact)  # sums of these small dyadic numbers are exact in fp32
+    # Native: each group's integer dot (times 32767, exact in int32 and in fp32 below 2^24) is scaled and summed
+    # in fp32 lanes: 4 group FMAs, 3 lane additions and the final scale by max|x| / 32767, each rounding by at
+    # most 2^-24 of the running sum of |terms|: |err| <= 8 * 2^-24 * sum_k |w x|.
+    bound = 8 * 2.0**-24 * F.linear(x.double().abs(), w.abs())
+    err = (nat(x).double() - exact).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +307,26 @@ def test_prepare_int8_model_greedy(path):
     assert float((out - ref).abs().max()) < 0.25
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_prepare_int4_model_error(path):
+    """int4 on a random model: argmax is no useful rule (these logits are nearly tied; benchmarks/quant_greedy.py
+    measures greedy output on a trained model), so the bound is on the relative RMS error of the logits.
+    Per weight: |err| <= step / 2 with step = max|w_group| / 7, RMS step / sqrt(12); the largest of 32 N(0, s)
+    weights stays below ~3 s, so each product's relative RMS error is <= 3 / 7 / 3.46 = 0.124. Five products in
+    a chain (qkv, out, two FFN, output), errors adding in quadrature: sqrt(5) * 0.124 = 0.28 -> bound 0.3.
+    Measured 0.19; a nibble, group or scale slip gives ~1."""
+    model = tiny_codegen2()
+    tokens = torch.randint(0, 51200, (2, 16))
+    with torch.no_grad():
+        ref = model(tokens).float()
+        prepare_for_inference(model, "int4")
+        out = model(tokens).float()
+    layers = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+    assert layers and all(m.mode == "int4" and m.weight.dtype == torch.uint8 for m in layers)
+    rel = float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+    assert rel <= 0.3, rel
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 def test_prepare_tied_embeddings(path, mode):
     torch.manual_seed(0)
     cfg = LlamaConfig(n_layers=1, dim=64, n_heads=4, intermediate_size=176, vocab_size=51200, max_seq_len=64,
@@ -239,17 +343,22 @@ def test_prepare_tied_embeddings(path, mode):
     if mode == "bf16":
         assert model.output.weight is emb  # still tied: one copy
         torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
-    else:
+    elif mode == "int8":
         assert model.output.weight.dtype == torch.int8
         # Logits reach ~60 here (unit-variance embeddings); int8 rows carry ~0.5% error.
         assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+    else:
+        assert model.output.weight.dtype == torch.uint8
+        # int4 groups: relative RMS error per product <= 0.124 (test_prepare_int4_model_error), two products.
+        rel = float((out - ref).float().pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt())
+        assert rel <= 0.2, rel
 
 
 def test_prepare_rejects_unknown_formats_and_a_second_preparation():
-    with pytest.raises(ValueError, match="quant must be one of none, int8"):
-        prepare_for_inference(tiny_codegen2(), "int4")
+    with pytest.raises(ValueError, match="quant must be one of none, int8, int4"):
+        prepare_for_inference(tiny_codegen2(), "int3")
     with pytest.raises(ValueError, match="mode must be"):
-        swap_linears(nn.Sequential(nn.Linear(4, 4)), "int4")
+        swap_linears(nn.Sequential(nn.Linear(4, 4)), "int3")
     model = prepare_for_inference(tiny_codegen2(), "int8")
     with pytest.raises(ValueError, match="already prepared"):
         prepare_for_inference(model, "int8")
@@ -274,13 +383,62 @@ def test_int8_path_does_not_depend_on_the_cpu(path, monkeypatch):
     monkeypatch.setattr(linear_module, "has_fast_bf16_gemm", lambda: True)
     bf16 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "bf16")
     int8 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "int8")
+    int4 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "int4")
     x = torch.randn(40, 32).bfloat16()
     assert [bf16.path(m, x) for m in (1, 16, 17, 40)] == [path, path, "torch", "torch"]
     assert [int8.path(m, x) for m in (1, 16, 17, 40, 1024)] == [path] * 5
+    assert [int4.path(m, x) for m in (1, 16, 17, 40, 1024)] == [path] * 5
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Selection of the path
+
+
+def test_level_detection_and_override(monkeypatch):
+    """The highest level whose flags the CPU has; CODEGEN2_KERNEL_LEVEL forces a lower one and refuses one the CPU
+    lacks, naming the missing flags (checked against made-up flag sets, so it runs on any machine)."""
+    avx2_only = frozenset({"avx2", "fma", "sse4_2"})
+    zen4 = avx2_only | LEVELS["avx512_vnni"][0] | {"avx512_bf16"}
+    monkeypatch.setattr(native_module, "cpu_supported", lambda: True)
+    monkeypatch.delenv(kernels.LEVEL_VAR, raising=False)
+    monkeypatch.setattr(native_module, "cpu_flags", lambda: zen4)
+    assert native_module.supported_levels() == list(LEVELS) and native_module.kernel_level() == "avx512_vnni"
+    monkeypatch.setenv(kernels.LEVEL_VAR, "avx2")
+    assert native_module.kernel_level() == "avx2"
+    monkeypatch.setattr(native_module, "cpu_flags", lambda: avx2_only)
+    monkeypatch.delenv(kernels.LEVEL_VAR)
+    assert native_module.supported_levels() == ["avx2"] and native_module.kernel_level() == "avx2"
+    monkeypatch.setenv(kernels.LEVEL_VAR, "avx512_vnni")
+    with pytest.raises(ValueError, match="lacks avx512_vnni, avx512bw, avx512dq, avx512f, avx512vl; it supports avx2"):
+        native_module.kernel_level()
+    monkeypatch.setenv(kernels.LEVEL_VAR, "sse2")
+    with pytest.raises(ValueError, match="unknown level"):
+        native_module.kernel_level()
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_every_level_computes_the_same_numbers(native, monkeypatch, mode):
+    """Dispatch: a layer built under each level the CPU has (forced with CODEGEN2_KERNEL_LEVEL) records that level
+    and gives the same output as the highest level; int8 / int4 bit for bit (identical integer dots, the same
+    fp32 steps), bf16 within fp32 summation noise (the compiler may contract differently per level). Each level
+    is also held to the fp32 bounds above by the `path` fixture."""
+    levels = native_module.supported_levels()
+    if not native or not levels:
+        pytest.skip("native kernels unavailable on this machine")
+    lin = make_linear(300, 200, bias=True, seed=3)
+    x = torch.randn(5, 200).bfloat16()
+    outs = {}
+    for level in levels:
+        monkeypatch.setenv(kernels.LEVEL_VAR, level)
+        layer = DecodeLinear.from_linear(lin, mode)
+        assert layer.native and layer.level == level
+        outs[level] = layer(x).float()
+    top = outs[levels[-1]]
+    for level, y in outs.items():
+        if mode == "bf16":
+            torch.testing.assert_close(y, top, rtol=U, atol=1e-3, msg=level)
+        else:
+            assert torch.equal(y, top), level
 
 
 def test_env_var_forces_fallback(monkeypatch):

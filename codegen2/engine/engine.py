@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from codegen2.engine.sampling import (
 )
 from codegen2.engine.scheduler import Scheduler, Sequence
 from codegen2.engine.speculative import DraftProposer, NgramProposer, SpeculativeConfig
+from codegen2.engine.threads import ThreadGovernor
 from codegen2.models.checkpoint import check_device  # noqa: F401  (the server reaches models only through the engine)
 from codegen2.models.kv_cache import KVCache
 
@@ -124,10 +126,13 @@ class _Request:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 16, max_seq_len: int | None = None,
                  kv_cache_bytes: int = 4 << 30, prefill_chunk: int = 256,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, adapt_threads: bool | None = None) -> None:
         """max_batch sequences run at once, each with a KV-cache slot of max_seq_len positions (default: the
         model's context), as many as fit in kv_cache_bytes; further requests wait in a queue. speculative: draft
-        tokens proposed by prompt lookup or a draft model and verified in the decode pass (speculative.py)."""
+        tokens proposed by prompt lookup or a draft model and verified in the decode pass (speculative.py).
+        adapt_threads: on a CPU, use fewer of torch's threads while other processes keep cores busy (threads.py);
+        default on unless $CODEGEN2_ADAPT_THREADS is 0 (the test suite turns it off: torch's own fp32 kernels
+        may round differently at another thread count, and its tests compare runs token for token)."""
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -158,6 +163,10 @@ class Engine:
             self._vocab = InfillVocab.of(tokenizer)
             self._proposer = DraftProposer(speculative, n_slots, self.max_seq_len, self._vocab, prefill_chunk)
         self._drafted = self._accepted = 0
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if adapt_threads is None:
+            adapt_threads = os.environ.get("CODEGEN2_ADAPT_THREADS", "1") != "0"
+        self._threads = ThreadGovernor() if adapt_threads and on_cpu else None
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, dtype: str = "bf16", device: str = "cpu", quant: str | None = None,
@@ -168,7 +177,7 @@ class Engine:
         load its tokenizer, and build an engine (``engine_args``: see ``Engine``). speculative: "ngram" (prompt
         lookup) or "draft:DIR" (a smaller model with the same tokenizer, loaded the same way), proposing
         num_speculative_tokens drafts per step."""
-        from codegen2.kernels import prepare_for_inference
+        from codegen2.kernels import prepare_for_inference, quantizer
         from codegen2.models.checkpoint import load_model, resolve
         from codegen2.models.lora import apply_adapter
         from codegen2.tokenizer import load_tokenizer
@@ -180,10 +189,13 @@ class Engine:
                 raise ValueError(f"speculative must be 'ngram' or 'draft:DIR', got {speculative!r}")
             draft = None
             if method == "draft":
-                draft = prepare_for_inference(load_model(resolve(where), dtype=dtype, device=device), quant)
+                draft = prepare_for_inference(load_model(resolve(where), dtype=dtype, device=device,
+                                                         on_block=quantizer(quant)), quant)
             spec = SpeculativeConfig(method, num_speculative_tokens, draft=draft)
         directory = resolve(model)
-        loaded = load_model(directory, dtype=dtype, device=device, mp_num=mp_num)
+        # Quantized formats are applied block by block while loading: no second copy of the weights. An adapter
+        # then wraps the quantized base layers (LoRALinear keeps whatever layer it wraps).
+        loaded = load_model(directory, dtype=dtype, device=device, mp_num=mp_num, on_block=quantizer(quant))
         if adapter is not None:
             apply_adapter(loaded, adapter, directory, mp_num)
         return cls(prepare_for_inference(loaded, quant), load_tokenizer(directory), speculative=spec, **engine_args)
@@ -249,6 +261,8 @@ class Engine:
         finish_reason "abort" and ``error`` set, and the others go on; a failed batched forward pass is retried
         row by row to find the rows at fault."""
         outputs, self._pending = self._pending, []
+        if self._threads is not None:
+            self._threads.update()
         batch = self.scheduler.schedule()
         for src, dst, length in batch.copies:
             self.runner.copy_prefix(src, dst, length)

@@ -4,40 +4,98 @@ format and which of its layers run on native kernels.
     model = load_model(path, dtype="bf16")
     prepare_for_inference(model, quant="int8")      # or quant=None: weights as loaded
 
+    # or quantized while loading, one block at a time (peak memory: the quantized model plus one bf16 block)
+    model = prepare_for_inference(load_model(path, dtype="bf16", on_block=quantizer("int4")), "int4")
+
 ``quant`` is the weight format, the one name for this choice in the Python API, the CLI (``--quant``) and the
-server: ``None`` (or ``"none"``) keeps the weights as loaded, ``"int8"`` quantizes them to weight-only int8.
+server: ``None`` (or ``"none"``) keeps the weights as loaded, ``"int8"`` / ``"int4"`` quantize them to weight-only
+int8 (per row) or int4 (per group of 32 columns; see linear.py).
 With weights as loaded, a bf16 model on a CPU whose native kernels build gets them (same math, faster); anything
-else stays plain PyTorch. ``CODEGEN2_KERNELS=torch`` turns the native kernels off.
+else stays plain PyTorch. ``CODEGEN2_KERNELS=torch`` turns the native kernels off; ``CODEGEN2_KERNEL_LEVEL``
+forces a lower CPU level than the one detected (native.py).
 
 The model files never import this package; ``Engine`` never changes the model it is given.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from codegen2.kernels.linear import DecodeLinear, quantize_int8, swap_linears
-from codegen2.kernels.native import ENV_VAR, kernels_available, pack_int8, unpack_int8
+from codegen2.kernels.linear import (
+    DecodeLinear,
+    quantize_int4,
+    quantize_int8,
+    swap_linears,
+)
+from codegen2.kernels.native import (
+    ENV_VAR,
+    LEVEL_VAR,
+    LEVELS,
+    kernel_level,
+    kernels_available,
+    pack_int4,
+    pack_int8,
+    supported_levels,
+    unpack_int4,
+    unpack_int8,
+)
 
-QUANTS = ("none", "int8")
+QUANTS = ("none", "int8", "int4")
 
 
-def prepare_for_inference(model: nn.Module, quant: str | None = None) -> nn.Module:
-    """Apply the weight format ``quant`` (None / "none", or "int8") and the native kernels to ``model`` in place;
-    return it. A model already prepared is refused, so weights are never quantized twice."""
+def _check(quant: str | None) -> str:
     quant = quant or "none"
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
-    if any(isinstance(m, DecodeLinear) for m in model.modules()):
+    return quant
+
+
+def quantizer(quant: str | None) -> Callable[[nn.Module], nn.Module] | None:
+    """What load_model's ``on_block`` takes to quantize each block as it is read (None: nothing to do while
+    loading). Finish with prepare_for_inference(model, quant), which does the layers outside the blocks."""
+    quant = _check(quant)
+    return None if quant == "none" else functools.partial(swap_linears, mode=quant)
+
+
+def prepare_for_inference(model: nn.Module, quant: str | None = None) -> nn.Module:
+    """Apply the weight format ``quant`` (None / "none", "int8" or "int4") and the native kernels to ``model`` in
+    place; return it. A model already prepared is refused, so weights are never quantized twice; blocks already
+    quantized to ``quant`` while loading (``quantizer``) are kept."""
+    quant = _check(quant)
+    if getattr(model, "_prepared_for_inference", False):
         raise ValueError("this model was already prepared for inference")
+    done = {m.mode for m in model.modules() if isinstance(m, DecodeLinear)}
+    if done - {quant}:
+        raise ValueError(f"this model's layers are already {', '.join(sorted(done))}, not {quant}")
+    model._prepared_for_inference = True
     weight = model.tok_embeddings.weight
-    if quant == "int8":
-        return swap_linears(model, "int8")
+    if quant in ("int8", "int4"):
+        return swap_linears(model, quant)
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels_available():
         return swap_linears(model, "bf16")
     return model
 
 
-__all__ = ["QUANTS", "prepare_for_inference", "DecodeLinear", "quantize_int8", "swap_linears", "kernels_available",
-           "pack_int8", "unpack_int8", "ENV_VAR"]
+__all__ = [
+    "ENV_VAR",
+    "LEVELS",
+    "LEVEL_VAR",
+    "QUANTS",
+    "DecodeLinear",
+    "kernel_level",
+    "kernels_available",
+    "pack_int4",
+    "pack_int8",
+    "prepare_for_inference",
+    "quantizer",
+    "quantize_int4",
+    "quantize_int8",
+    "supported_levels",
+    "swap_linears",
+    "unpack_int4",
+    "unpack_int8",
+]

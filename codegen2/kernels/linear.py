@@ -2,16 +2,19 @@
 
 Batch-1 decode reads every weight once per token, so a linear layer can be no faster than memory can stream its
 weight. torch's bf16 ``F.linear`` with a few rows falls well short of that on our CPUs (and is slower still for
-M > 1), so ``DecodeLinear`` routes those calls to the native kernels (``native.py``). Two weight formats:
+M > 1), so ``DecodeLinear`` routes those calls to the native kernels (``native.py``). Three weight formats:
 
 - ``"bf16"``: the model's own bf16 weight, used in place (no copy); fp32 accumulation.
 - ``"int8"``: weight-only int8, symmetric, one scale per output row (``scale = max|w_row| / 127``): half the bytes.
   The kernel quantises each activation row to int16 on the fly (finer than bf16 itself) and runs an exact
   integer dot product; the result is scaled back in fp32.
+- ``"int4"``: weight-only int4, symmetric, one bf16 scale per output row and group of ``INT4_GROUP`` = 32 columns
+  (``scale = max|w_group| / 7``, q in [-7, 7]; the layout also holds -8): 4.5 bits per weight, like llama.cpp's
+  Q4_0 (which reaches -8 by clamping and so bounds its error less tightly). Activations as for int8.
 
 Which path a product takes, by its number of rows M (``DecodeLinear.path``):
-- int8: always the native kernel when it is available, whatever M and the CPU, so an int8 model gives the same
-  numbers on every x86 CPU (the fallback dequantizes the weight to bf16, which rounds differently).
+- int8 and int4: always the native kernel when it is available, whatever M and the CPU level, so a quantized model
+  gives the same numbers on every x86 CPU (the fallback dequantizes the weight to bf16, which rounds differently).
 - bf16: the native kernel, except where oneDNN has a native bf16 GEMM (AVX512-BF16, AMX) and M > 16: there the
   product goes to torch, which is faster for prefill-sized M; both accumulate in fp32 and round once. On AVX2-only
   CPUs torch's bf16 ``F.linear`` runs at ~5 GMAC/s, 5x slower than the kernel even at M = 1024.
@@ -26,10 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegen2.kernels.native import PACK_ROWS, has_fast_bf16_gemm, kernels_available, pack_int8, unpack_int8
+from codegen2.kernels.native import (
+    PACK_ROWS,
+    has_fast_bf16_gemm,
+    kernel_level,
+    kernels_available,
+    ops,
+    pack_int4,
+    pack_int8,
+    unpack_int4,
+    unpack_int8,
+)
 
 MAX_DECODE_M = 16  # bf16: rows up to which the native kernel is used where oneDNN has a native bf16 GEMM
-_DEQUANT_CHUNK_BYTES = 16 << 20  # the int8 fallback dequantizes this many bf16 bytes of weight at a time
+INT4_GROUP = 32  # int4: columns per scale (benchmarks/kernels.py --int4-groups measures 32 / 64 / 128)
+MODES = ("bf16", "int8", "int4")
+_DEQUANT_CHUNK_BYTES = 16 << 20  # the quantized fallbacks dequantize this many bf16 bytes of weight at a time
 
 
 @torch.no_grad()
@@ -50,24 +65,53 @@ def quantize_int8(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
     return q, scale
 
 
+@torch.no_grad()
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP,
+                  chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> (N, K) int8 in [-7, 7] and (N, ceil(K/G)) bf16 scales, symmetric per row and group
+    of G columns (the last group may be short).
+
+    W ~= q * scale[:, k // G] with |W - q * scale| <= scale / 2: the scale is max|w| / 7 rounded to bf16, which
+    moves it by at most 2^-9 of itself, so max|w| / scale <= 7.02 still rounds to 7 and nothing is clipped.
+    """
+    if group_size % 32 or not 32 <= group_size <= 256:
+        raise ValueError(f"group_size must be 32, 64, ..., 256, got {group_size}")
+    N, K = weight.shape
+    G, ng = group_size, -(-K // group_size)
+    q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(N, ng, dtype=torch.bfloat16, device=weight.device)
+    for i in range(0, N, chunk_rows):
+        w = F.pad(weight[i : i + chunk_rows].float(), (0, ng * G - K)).view(-1, ng, G)  # (n, groups, G)
+        s = (w.abs().amax(dim=2) / 7.0).to(torch.bfloat16)  # (n, groups)
+        safe = torch.where(s > 0, s.float(), torch.ones_like(s, dtype=torch.float32))  # zero groups: q = 0
+        q[i : i + chunk_rows] = torch.round(w / safe[..., None]).clamp_(-8, 7).view(-1, ng * G)[:, :K]
+        scale[i : i + chunk_rows] = s
+    return q, scale
+
+
 class DecodeLinear(nn.Module):
     """Replacement for an nn.Linear in inference; native kernel where it wins, a PyTorch fallback otherwise.
 
-    weight: (N, K) bf16 (used as is: mode "bf16") or int8 with ``scale`` (N,) fp32 (mode "int8"; stored packed,
-    see pack_int8); bias: (N,) or None. Parameters are frozen: this is an inference layer. Whether the native
-    kernel is used is decided when the layer is built, so set CODEGEN2_KERNELS before converting a model.
+    weight: (N, K) bf16 (used as is: mode "bf16"); or int8 with ``scale`` (N,) fp32 (mode "int8"; stored packed,
+    see pack_int8); or int8 in [-8, 7] with ``scale`` (N, ceil(K/G)) and ``group_size`` G (mode "int4"; stored
+    packed, see pack_int4). bias: (N,) or None. Parameters are frozen: this is an inference layer. Whether the
+    native kernel is used, and which CPU level, is decided when the layer is built, so set CODEGEN2_KERNELS and
+    CODEGEN2_KERNEL_LEVEL before converting a model.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None) -> None:
+                 scale: torch.Tensor | None = None, group_size: int | None = None) -> None:
         super().__init__()
         if (weight.dtype == torch.int8) != (scale is not None):
-            raise ValueError("an int8 weight needs a per-row scale, and only an int8 weight takes one")
+            raise ValueError("an int8/int4 weight needs its scales, and only such a weight takes them")
         self.out_features, self.in_features = weight.shape
-        self.mode = "int8" if scale is not None else "bf16"
-        if scale is not None:
+        self.mode = "bf16" if scale is None else "int8" if group_size is None else "int4"
+        self.group_size = group_size
+        if self.mode == "int8":
             weight = pack_int8(weight)
             scale = scale.float().contiguous()
+        elif self.mode == "int4":
+            weight, scale = pack_int4(weight, scale.to(torch.bfloat16), group_size)
         elif not weight.is_contiguous():  # the kernel streams rows; a transposed view would need a copy per call
             weight = weight.contiguous()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
@@ -75,12 +119,15 @@ class DecodeLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.register_buffer("scale", scale)
         # The path is fixed here, as plain attributes, so forward stays free of lookups (and torch.compile-able).
-        self.native = weight.dtype in (torch.bfloat16, torch.int8) and kernels_available()
+        self.native = weight.dtype in (torch.bfloat16, torch.int8, torch.uint8) and kernels_available()
+        self.level = kernel_level() if self.native else None  # "avx2", "avx512_vnni", ...: see native.LEVELS
+        self._ops = ops(self.level) if self.native else None
         self.native_max_m = MAX_DECODE_M if self.mode == "bf16" and has_fast_bf16_gemm() else None  # None: any M
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "bf16") -> DecodeLinear:
-        """Take over ``linear``'s weight: used in place for "bf16" (cast if it is not bf16), quantized for "int8"."""
+        """Take over ``linear``'s weight: used in place for "bf16" (cast if it is not bf16), quantized for "int8"
+        and "int4" (group size INT4_GROUP)."""
         bias = None if linear.bias is None else linear.bias.detach()
         if mode == "bf16":
             w = linear.weight
@@ -91,11 +138,15 @@ class DecodeLinear(nn.Module):
         if mode == "int8":
             q, scale = quantize_int8(linear.weight.detach())
             return cls(q, bias, scale)
-        raise ValueError(f"mode must be 'bf16' or 'int8', got {mode!r}")
+        if mode == "int4":
+            q, scale = quantize_int4(linear.weight.detach())
+            return cls(q, bias, scale, INT4_GROUP)
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, " \
-               f"bias={self.bias is not None}, native={self.native}"
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}, " \
+               f"bias={self.bias is not None}, native={self.native}, level={self.level}"
 
     def path(self, M: int, x: torch.Tensor | None = None) -> str:
         """"native" or "torch": the path a product of M rows (of x, if given) takes."""
@@ -109,16 +160,19 @@ class DecodeLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.path(x2.shape[0], x2) == "native":
             x2 = x2.contiguous()
-            if self.scale is None:
-                y = torch.ops.codegen2_kernels.linear_bf16(x2, self.weight, self.bias)
+            if self.mode == "bf16":
+                y = self._ops.linear_bf16(x2, self.weight, self.bias)
+            elif self.mode == "int8":
+                y = self._ops.linear_int8(x2, self.weight, self.scale, self.bias)
             else:
-                y = torch.ops.codegen2_kernels.linear_int8(x2, self.weight, self.scale, self.bias)
+                y = self._ops.linear_int4(x2, self.weight, self.scale, self.bias, self.out_features)
         else:
             y = self._torch_forward(x2)
         return y.reshape(*lead, self.out_features)
 
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pure-PyTorch path: F.linear in the weight's dtype; int8 is dequantized a few MiB of rows at a time."""
+        """Pure-PyTorch path: F.linear in the weight's dtype; int8 / int4 are dequantized a few MiB of rows at a
+        time."""
         if self.scale is None:
             w = self.weight
             b = None if self.bias is None else self.bias.to(w.dtype)
@@ -130,8 +184,12 @@ class DecodeLinear(nn.Module):
         outs = []
         for b0 in range(0, self.weight.shape[0], blocks):
             n0, n1 = b0 * PACK_ROWS, min(N, (b0 + blocks) * PACK_ROWS)
-            q = unpack_int8(self.weight[b0 : b0 + blocks], n1 - n0, K)
-            w = (q.float() * self.scale[n0:n1, None]).to(dtype)
+            if self.mode == "int8":
+                q = unpack_int8(self.weight[b0 : b0 + blocks], n1 - n0, K)
+                w = (q.float() * self.scale[n0:n1, None]).to(dtype)
+            else:
+                q, s = unpack_int4(self.weight[b0 : b0 + blocks], self.scale[b0 : b0 + blocks], n1 - n0, K)
+                w = (q.float() * s.float().repeat_interleave(self.group_size, dim=1)[:, :K]).to(dtype)
             b = None if self.bias is None else self.bias[n0:n1].to(dtype)
             outs.append(F.linear(xc, w, b))
         return torch.cat(outs, dim=-1).to(x.dtype)
@@ -140,16 +198,16 @@ class DecodeLinear(nn.Module):
 def swap_linears(model: nn.Module, mode: str) -> nn.Module:
     """Swap every nn.Linear in ``model`` (in place) for a DecodeLinear of ``mode`` and return the model.
 
-    "bf16" reuses each bf16 weight tensor (no copy, so tied weights stay tied); "int8" quantizes, and the Linear's
-    weight is freed once nothing else holds it. A weight shared with an embedding (tied output) stays as it is for
+    "bf16" reuses each bf16 weight tensor (no copy, so tied weights stay tied); "int8" / "int4" quantize, and the
+    Linear's weight is freed once nothing else holds it. A weight shared with an embedding (tied output) stays as it is for
     the embedding and the output gets its own int8 copy; two distinct Linears sharing one weight would each get a
     copy in int8 (no model here does that).
     """
-    if mode not in ("bf16", "int8"):
-        raise ValueError(f"mode must be 'bf16' or 'int8', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     done: dict[int, DecodeLinear] = {}  # id(Linear) -> its replacement, for a Linear used in several places
     # Only the parents are listed up front: a list holding every Linear would keep all the bf16 weights alive
-    # until the end, doubling peak memory in int8 mode.
+    # until the end, doubling peak memory when quantizing.
     parents = [m for m in model.modules() if type(m) is not nn.Linear]
     for parent in parents:
         for name, child in list(parent.named_children()):

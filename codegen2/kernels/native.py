@@ -1,9 +1,12 @@
-"""The native CPU kernels (``csrc/decode_linear.cpp``): which CPUs can run them, building and loading them once,
-and the int8 weight layout they read.
+"""The native CPU kernels (``csrc/decode_linear.cpp``): which CPUs can run them, building and loading them once
+per CPU level, and the int8 / int4 weight layouts they read.
 
-The library is compiled on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja) and
-cached under ``~/.cache/codegen2/kernels``; it needs x86-64 with AVX2 + FMA. A failed build warns once and
-``kernels_available()`` answers False, so callers fall back to PyTorch; it never raises. Set
+Levels (``LEVELS``, lowest first): the one source is compiled once per level with that level's compiler flags,
+into its own op namespace (``torch.ops.codegen2_kernels_<level>``), on first use with ``torch.utils.cpp_extension``
+(needs a C++ compiler and ninja), cached under ``~/.cache/codegen2/kernels``. The level used is the highest one
+whose flags the CPU has (``/proc/cpuinfo``); ``CODEGEN2_KERNEL_LEVEL=<level>`` forces a lower one (a level the
+CPU lacks is refused with a ValueError naming the missing flags), so one machine can test every level it has.
+A failed build warns once and ``kernels_available()`` answers False, so callers fall back to PyTorch. Set
 ``CODEGEN2_KERNELS=torch`` to force that fallback (for comparisons and debugging).
 
 What this is not: the layers that use the kernels (``linear.py``) or the choice of which layers do.
@@ -25,9 +28,20 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 ENV_VAR = "CODEGEN2_KERNELS"  # "torch" forces the pure-PyTorch path
+LEVEL_VAR = "CODEGEN2_KERNEL_LEVEL"  # forces a level (at most what the CPU has)
 _SOURCE = Path(__file__).parent / "csrc" / "decode_linear.cpp"
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+_CFLAGS = ["-O3", "-fopenmp"]
+# level -> (the /proc/cpuinfo flags it needs, its compiler flags). Each level includes the ones before it. What a
+# level changes in the code is said at the top of decode_linear.cpp (VNNI: vpdpwssd in the int8 / int4 dots).
+LEVELS: dict[str, tuple[frozenset[str], list[str]]] = {
+    "avx2": (frozenset({"avx2", "fma"}), ["-mavx2", "-mfma"]),
+    "avx512": (frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}),
+               ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]),
+    "avx512_vnni": (frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
+                    ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]),
+}
 PACK_ROWS, PACK_COLS = 4, 16  # the int8 layout of csrc/decode_linear.cpp
+INT4_CHUNK = 32  # int4: columns per packed chunk (two nibbles of 16 bytes per row)
 
 
 @functools.cache
@@ -46,7 +60,35 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_supported() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= cpu_flags()
+    return platform.machine().lower() in ("x86_64", "amd64") and LEVELS["avx2"][0] <= cpu_flags()
+
+
+def supported_levels() -> list[str]:
+    """The levels this CPU can run, lowest first (empty off x86-64 or without AVX2 + FMA)."""
+    if not cpu_supported():
+        return []
+    return [name for name, (flags, _) in LEVELS.items() if flags <= cpu_flags()]
+
+
+def kernel_level() -> str | None:
+    """The level the native kernels use here: CODEGEN2_KERNEL_LEVEL if set, else the highest the CPU has (None:
+    no level runs here). Raises ValueError for an unknown level or one the CPU lacks, naming the missing flags."""
+    forced = os.environ.get(LEVEL_VAR, "").strip().lower()
+    if not forced:
+        levels = supported_levels()
+        return levels[-1] if levels else None
+    if forced not in LEVELS:
+        raise ValueError(f"{LEVEL_VAR}={forced!r}: unknown level; use one of {', '.join(LEVELS)}")
+    missing = sorted(LEVELS[forced][0] - cpu_flags())
+    if missing or not cpu_supported():
+        raise ValueError(f"{LEVEL_VAR}={forced!r}: this CPU lacks {', '.join(missing) or 'x86-64'}; it supports "
+                         f"{', '.join(supported_levels()) or 'no native level'}")
+    return forced
+
+
+def ops(level: str):
+    """The op namespace of a level's build, torch.ops.codegen2_kernels_<level> (load it first: load_level)."""
+    return getattr(torch.ops, f"codegen2_kernels_{level}")
 
 
 def has_fast_bf16_gemm() -> bool:
@@ -88,51 +130,89 @@ def unpack_int8(w: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(Nb * PACK_ROWS, Kc * PACK_COLS)[:N, :K]
 
 
-def _self_test() -> bool:
-    """A tiny product against fp32 torch: catches a miscompiled or mismatched library before it is used."""
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) int8 in [-8, 7] and (N, ceil(K/G)) scales -> the kernel's layout:
+
+    weight (ceil(N/4), Kp/32, 4, 16) uint8, w[b, c, r, j] = (q[4b+r, 32c+j] + 8) | (q[4b+r, 32c+16+j] + 8) << 4,
+    with K zero padded to Kp = a multiple of G (a padded q of 0 is stored as 8); scale (ceil(N/4), Kp/G, 4) bf16,
+    s[b, g, r] = scale[4b + r, g] (0 in padded rows). Like int8, each thread's rows are one sequential stream.
+    """
+    N, K = q.shape
+    Np, Kp = -(-N // PACK_ROWS) * PACK_ROWS, -(-K // group_size) * group_size
+    padded = torch.zeros(Np, Kp, dtype=torch.uint8, device=q.device)
+    padded[:N, :K] = (q + 8).to(torch.uint8)
+    padded[:N, K:] = 8
+    chunks = padded.view(Np // PACK_ROWS, PACK_ROWS, Kp // INT4_CHUNK, 2, 16)  # (Nb, 4, Kc, lo/hi, 16)
+    w = (chunks[:, :, :, 0] | (chunks[:, :, :, 1] << 4)).transpose(1, 2).contiguous()  # (Nb, Kc, 4, 16)
+    s = torch.zeros(Np, Kp // group_size, dtype=torch.bfloat16, device=q.device)
+    s[:N] = scale
+    return w, s.view(Np // PACK_ROWS, PACK_ROWS, -1).transpose(1, 2).contiguous()
+
+
+def unpack_int4(w: torch.Tensor, scale: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of pack_int4: -> (N, K) int8 in [-8, 7] and (N, Kp/G) bf16 scales."""
+    Nb, Kc = w.shape[:2]
+    nib = torch.stack([w & 0x0F, w >> 4], dim=3)  # (Nb, Kc, 4, lo/hi, 16)
+    q = nib.permute(0, 2, 1, 3, 4).reshape(Nb * PACK_ROWS, Kc * INT4_CHUNK)[:N, :K].to(torch.int8) - 8
+    return q, scale.transpose(1, 2).reshape(Nb * PACK_ROWS, -1)[:N]
+
+
+def _self_test(level: str) -> bool:
+    """A tiny product per op against fp32 torch: catches a miscompiled or mismatched library before it is used."""
     g = torch.Generator().manual_seed(0)
+    lib = ops(level)
     x = torch.randn(3, 40, generator=g).bfloat16()
     w = torch.randn(5, 40, generator=g).bfloat16()
     ref = F.linear(x.float(), w.float())
-    y = torch.ops.codegen2_kernels.linear_bf16(x, w, None).float()
+    y = lib.linear_bf16(x, w, None).float()
     q = torch.randint(-127, 128, (5, 40), generator=g, dtype=torch.int8)
     s = torch.rand(5, generator=g)
     ref8 = F.linear(x.float(), q.float() * s[:, None])
-    y8 = torch.ops.codegen2_kernels.linear_int8(x, pack_int8(q), s, None).float()
-    return torch.allclose(y, ref, rtol=1e-2, atol=1e-2) and torch.allclose(y8, ref8, rtol=1e-2, atol=1e-2)
+    y8 = lib.linear_int8(x, pack_int8(q), s, None).float()
+    q4 = torch.randint(-8, 8, (5, 40), generator=g, dtype=torch.int8)
+    s4 = torch.rand(5, 2, generator=g).bfloat16()
+    ref4 = F.linear(x.float(), q4.float() * s4.float().repeat_interleave(32, dim=1)[:, :40])
+    y4 = lib.linear_int4(x, *pack_int4(q4, s4, 32), None, 5).float()
+    return all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in ((y, ref), (y8, ref8), (y4, ref4)))
 
 
-def _register_fake() -> None:
+def _register_fake(level: str) -> None:
     # Shapes for torch.compile / meta tensors; the ops themselves are CPU-only.
-    @torch.library.register_fake("codegen2_kernels::linear_bf16")
+    ns = f"codegen2_kernels_{level}"
+
+    @torch.library.register_fake(f"{ns}::linear_bf16")
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    @torch.library.register_fake("codegen2_kernels::linear_int8")
+    @torch.library.register_fake(f"{ns}::linear_int8")
     def _(x, w, scale, bias):
         return x.new_empty(x.shape[0], scale.shape[0])  # w is packed; scale has one entry per output
 
+    @torch.library.register_fake(f"{ns}::linear_int4")
+    def _(x, w, scale, bias, N):
+        return x.new_empty(x.shape[0], N)
+
 
 @functools.cache
-def _load_native() -> bool:
-    """Build (once, cached on disk) and load the kernels; False, with one warning, if that fails."""
-    if not cpu_supported():
-        log.info("codegen2 kernels: CPU lacks AVX2/FMA or is not x86-64; using the PyTorch fallback")
-        return False
+def load_level(level: str) -> bool:
+    """Build (once, cached on disk) and load one level's kernels; False, with one warning, if that fails.
+    The caller checks that the CPU has the level (kernel_level, supported_levels)."""
     try:
-        if not hasattr(torch.ops.codegen2_kernels, "linear_bf16"):  # not already loaded in this process
+        if not hasattr(ops(level), "linear_bf16"):  # not already loaded in this process
             from torch.utils import cpp_extension
 
-            build_dir = _build_dir()
+            build_dir = _build_dir() / level
             build_dir.mkdir(parents=True, exist_ok=True)
             _clear_stale_lock(build_dir)
             t0 = time.perf_counter()
-            cpp_extension.load(name="codegen2_kernels", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+            cpp_extension.load(name=f"codegen2_kernels_{level}", sources=[str(_SOURCE)],
+                               extra_cflags=_CFLAGS + LEVELS[level][1] + [f"-DCG2_OPS=codegen2_kernels_{level}"],
                                extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
                                verbose=False)
-            log.info("codegen2 kernels: loaded from %s in %.1f s", build_dir, time.perf_counter() - t0)
-            _register_fake()
-        if not _self_test():
+            log.info("codegen2 kernels: level %s loaded from %s in %.1f s", level, build_dir,
+                     time.perf_counter() - t0)
+            _register_fake(level)
+        if not _self_test(level):
             raise RuntimeError("self-test mismatch against torch")
         return True
     except Exception as e:  # noqa: BLE001 - any failure (no compiler, no ninja, bad build) means: fall back
@@ -145,7 +225,12 @@ def _load_native() -> bool:
 
 
 def kernels_available() -> bool:
-    """Whether the native fast path is active (builds it on the first call unless CODEGEN2_KERNELS=torch)."""
+    """Whether the native fast path is active (builds it on the first call unless CODEGEN2_KERNELS=torch).
+    Raises ValueError where CODEGEN2_KERNEL_LEVEL names a level this CPU cannot run."""
     if os.environ.get(ENV_VAR, "").strip().lower() == "torch":
         return False
-    return _load_native()
+    level = kernel_level()
+    if level is None:
+        log.info("codegen2 kernels: CPU lacks AVX2/FMA or is not x86-64; using the PyTorch fallback")
+        return False
+    return load_level(level)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,7 +98,10 @@ def read_config(directory: Path) -> dict:
 class _Weights:
     """Lazy access to the tensors of a (possibly sharded) checkpoint, by Hugging Face name."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, keep_open: bool = True) -> None:
+        # keep_open=False: each tensor opens its file afresh, so its memory map goes away with the tensor (a
+        # safetensors handle keeps the whole file mapped, and every page read stays in our RSS until it closes).
+        self.keep_open = keep_open
         found = [f for f in WEIGHT_FILES if (directory / f).is_file()]
         if not found:
             raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
@@ -138,6 +142,8 @@ class _Weights:
 
     def get(self, name: str, path: Path) -> torch.Tensor:
         getter = self._file(path).get(name)
+        if not self.keep_open and path.suffix == ".safetensors":  # a .bin's torch.load is kept: it is the slow part
+            self._open.pop(path, None)
         if getter is None:
             raise CheckpointError(f"{path}: tensor '{name}' is listed in the index but missing from the file")
         try:
@@ -149,10 +155,14 @@ class _Weights:
 # --- loading -----------------------------------------------------------------------------------------------------
 
 def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               mp_num: int | None = None) -> nn.Module:
+               mp_num: int | None = None, on_block: Callable[[nn.Module], object] | None = None) -> nn.Module:
     """Load a checkpoint directory or hub id into our model, in eval mode, without gradients.
 
     dtype: None keeps the checkpoint's stored dtype. mp_num overrides CodeGen2's qkv layout detection.
+    on_block: called on each transformer block (``model.layers[i]``) as soon as its weights are in, before the
+    next block is read; it may replace the block's submodules (a weight format: codegen2.kernels.quantizer). The
+    checkpoint's memory maps are then released block by block, so only one block's weights as stored are in
+    memory at a time. Checking the whole checkpoint still happens before anything is read.
     """
     check_device(device)
     directory = resolve(model)
@@ -161,7 +171,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
         cfg = convert.config_from_hf(hf, str(directory / "config.json"))
     except (ValueError, TypeError) as e:
         raise CheckpointError(str(e)) from None
-    weights = _Weights(directory)
+    weights = _Weights(directory, keep_open=on_block is None)
     available = weights.names()
     expected = convert.name_map(cfg)
     with torch.device("meta"):
@@ -177,9 +187,11 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
                               "(does config.json match these weights?)")
     target = parse_dtype(dtype)
     layout = convert.qkv_mp_num(hf, mp_num) if cfg.family == "codegen2" else None
-    state = {}
-    for hf_name, ours in expected.items():
-        path = available[hf_name]
+
+    def read(hf_name: str) -> torch.Tensor:
+        """One tensor, checked, in our layout and the target dtype (no copy when nothing changes)."""
+        nonlocal target
+        ours, path = expected[hf_name], available[hf_name]
         t = weights.get(hf_name, path)
         if tuple(t.shape) != shapes[ours]:
             raise CheckpointError(f"{path}: tensor '{hf_name}' has shape {tuple(t.shape)}, "
@@ -189,10 +201,27 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
         target = target or t.dtype
         if ours.endswith("attention.wqkv.weight"):
             t = convert.qkv_from_hf(t, layout)
-        state[ours] = t.to(target)  # no copy when the stored dtype is already the target
+        return t.to(target)
+
+    state = {}
+    blocks: dict[int, list[str]] = {}  # with on_block: block index -> its tensors' names, read block by block
+    for hf_name, ours in expected.items():
+        if on_block is not None and ours.startswith("layers."):
+            blocks.setdefault(int(ours.split(".")[1]), []).append(hf_name)
+        else:
+            state[ours] = read(hf_name)
+    for i, names in blocks.items():
+        block_state = {expected[n].split(".", 2)[2]: read(n) for n in names}  # "layers.3.x.weight" -> "x.weight"
+        model_.layers[i].load_state_dict(block_state, strict=True, assign=True)
+        del block_state  # the block now holds the only references: on_block may free them
+        on_block(model_.layers[i].to(device))
     if cfg.tie_word_embeddings:  # the file has no output weight of its own; the module still lists one
         state["output.weight"] = state["tok_embeddings.weight"]
-    model_.load_state_dict(state, strict=True, assign=True)
+    if on_block is None:
+        model_.load_state_dict(state, strict=True, assign=True)
+    else:  # the blocks are in (and may hold other modules now); the rest must be exactly what is left
+        missing, unexpected = model_.load_state_dict(state, strict=False, assign=True)
+        assert not unexpected and all(k.startswith("layers.") for k in missing), (missing, unexpected)
     if cfg.tie_word_embeddings:
         model_.output.weight = model_.tok_embeddings.weight
     model_.reset_rotary()

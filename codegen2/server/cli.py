@@ -2,8 +2,8 @@
 
     codegen2 serve --model Salesforce/codegen2-1B_P [--served-model-name NAME ...] [--host 127.0.0.1]
                    [--port 8000] [--api-key KEY ...] [--max-concurrency 16] [--max-model-len N]
-                   [--kv-cache-gib 4] [--dtype bf16] [--device cpu] [--quant none|int8] [--cors-origin ORIGIN ...]
-                   [--adapter LORA_DIR] [--speculative ngram|draft:DIR]
+                   [--kv-cache-gib 4] [--dtype bf16] [--device cpu] [--quant none|int8|int4]
+                   [--cors-origin ORIGIN ...] [--adapter LORA_DIR] [--speculative ngram|draft:DIR]
 
 The server listens at once and loads the model in the background (/health answers 503 until it is ready); if
 loading fails the server stops with the error. What this is not: the routes (app.py).
@@ -47,8 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="memory for the KV cache; it bounds the concurrent sequences as well")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--quant", default="none", choices=["none", "int8"],
-                   help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (faster CPU decode)")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (faster CPU decode), "
+                        "int4 = weight-only int4 in groups of 32 (a quarter of bf16's memory)")
     p.add_argument("--speculative", metavar="ngram|draft:DIR",
                    help="speculative decoding: prompt lookup (ngram) or a smaller draft model with the same tokenizer")
     p.add_argument("--num-speculative-tokens", type=int, default=5, help="drafts per sequence and step")

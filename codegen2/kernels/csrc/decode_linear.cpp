@@ -5,8 +5,13 @@
 // tokens and the row block stays in L1/L2 for the next pair, which still beats torch's bf16 matmul on AVX2-only
 // CPUs at any M, but is no match for oneDNN where the CPU has native bf16 (the Python side routes such cases).
 //
-// Needs AVX2 + FMA only: the Python loader checks the CPU before loading this file, which is compiled with
-// -mavx2 -mfma. Two ops, registered as torch.ops.codegen2_kernels.*:
+// Compiled once per CPU level (native.py: LEVELS), each build its own op namespace, torch.ops.<CG2_OPS>.*, so
+// that several levels can be loaded side by side and compared. Every level needs AVX2 + FMA; the Python loader
+// checks the CPU's flags before loading a build. What a higher level changes here: with AVX512-VNNI (and VL),
+// the int16 dot products of the int8 and int4 kernels use vpdpwssd (multiply, add pairs and accumulate in one
+// instruction) instead of vpmaddwd + vpaddd; the integer results are identical (no lane can overflow, see the
+// bounds below). The "avx512" level only lets the compiler use AVX-512 encodings and registers for the same
+// 256-bit code: no hand-written 512-bit kernels yet. Three ops:
 //
 //   linear_bf16(x, w, bias?)        w (N, K) bf16, row-major (the model's own tensor). bf16 x bf16 products are
 //                                   exact in fp32; sums are fp32; the result is rounded once.
@@ -18,6 +23,11 @@
 //                                   bf16 rounding for all but the smallest elements), so the inner loop is an
 //                                   exact integer dot product (vpmaddwd: 16 multiply-adds per instruction, twice an
 //                                   fp32 FMA) with no int -> float conversion per weight.
+//   linear_int4(x, w, scale, bias?, N) w uint8 packed by pack_int4(): (ceil(N/4), Kp/32, 4, 16), byte
+//                                   w[b, c, r, j] = (q[4b+r, 32c+j] + 8) | (q[4b+r, 32c+16+j] + 8) << 4 with q in
+//                                   [-8, 7]; scale (ceil(N/4), Kp/G, 4) bf16, one per row and group of G = 32 .. 256
+//                                   columns: W[n, k] ~= q[n, k] * scale[n, k / G]. x is quantised to int16 as for
+//                                   int8; each group's exact integer dot product is scaled in fp32.
 //
 // x is (M, K) bf16 or fp32, contiguous; the output is (M, N) in x's dtype. Threads split the output rows into
 // contiguous slabs (at::parallel_for).
@@ -50,6 +60,16 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// acc + the pairwise int16 products of a and b, summed per int32 lane. Same integers on every level (our
+// operands never reach -32768 * -32768, the one case where vpmaddwd and vpdpwssd differ).
+inline __m256i dot_add(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
 }
 
 inline float bf16_to_float(uint16_t v) {
@@ -218,7 +238,7 @@ inline void int8_block(const int8_t* w, int64_t nc, const int16_t* xq, int64_t K
       for (int r = 0; r < kRows; ++r) {
         const __m256i v = _mm256_cvtepi8_epi16(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (c * kRows + r) * kChunk)));
-        for (int m = 0; m < MB; ++m) iacc[m][r] = _mm256_add_epi32(iacc[m][r], _mm256_madd_epi16(v, xv[m]));
+        for (int m = 0; m < MB; ++m) iacc[m][r] = dot_add(iacc[m][r], v, xv[m]);
       }
     }
     for (int m = 0; m < MB; ++m)
@@ -240,7 +260,102 @@ struct Int8Kernel {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Driver shared by both weight types: split the row blocks over threads; for each block run the tokens in
+// int4 weights, group-wise scales, against the same int16 activations. One 64-byte line holds a 32-column
+// chunk of a 4-row block. A byte's two nibbles are widened to int16 with a mask and a shift (no shuffles), the
+// +8 offset is removed with one subtraction, and vpmaddwd does the rest. A group's int32 sums are converted and
+// scaled once per group: the only float work, 1 FMA per 8 lanes of G / 2 multiply-adds.
+// Overflow: a lane gains at most 2 * 8 * 32767 < 2^20 per chunk, and a group has at most 8 chunks (G <= 256).
+// One token: all 4 rows per pass. Two tokens: 2 rows at a time, so that 2 x 2 int32 and fp32 sums, the 4
+// activation vectors and the unpacked weights fit the 16 registers, and each unpacked chunk serves both tokens.
+
+constexpr int kGroupChunk = 32;  // int4: columns per packed chunk
+
+inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg, const int16_t* xq,
+                       float* out) {
+  const __m256i low = _mm256_set1_epi16(0x0F), eight = _mm256_set1_epi16(8);
+  __m256 facc[kRows];
+  for (int r = 0; r < kRows; ++r) facc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    __m256i iacc[kRows];
+    for (int r = 0; r < kRows; ++r) iacc[r] = _mm256_setzero_si256();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* wc = w + c * kRows * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch), _MM_HINT_T0);
+      const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kGroupChunk));
+      const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kGroupChunk + 16));
+      for (int r = 0; r < kRows; ++r) {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wc + r * 16)));
+        const __m256i lo = _mm256_sub_epi16(_mm256_and_si256(v, low), eight);  // columns 32c + 0..15
+        const __m256i hi = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);   // columns 32c + 16..31
+        iacc[r] = dot_add(dot_add(iacc[r], lo, xlo), hi, xhi);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 s = _mm256_set1_ps(bf16_to_float(scale[g * kRows + r]));
+      facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), s, facc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) out[r] = hsum(facc[r]);
+}
+
+// Two tokens, rows r0 and r0 + 1 of the block; out[m * kRows + r].
+inline void int4_pair(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg, const int16_t* xq,
+                      int64_t Kp, int r0, float* out) {
+  const __m256i low = _mm256_set1_epi16(0x0F), eight = _mm256_set1_epi16(8);
+  __m256 facc[2][2];
+  for (int m = 0; m < 2; ++m)
+    for (int r = 0; r < 2; ++r) facc[m][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    __m256i iacc[2][2];
+    for (int m = 0; m < 2; ++m)
+      for (int r = 0; r < 2; ++r) iacc[m][r] = _mm256_setzero_si256();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* wc = w + c * kRows * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch), _MM_HINT_T0);
+      __m256i xlo[2], xhi[2];
+      for (int m = 0; m < 2; ++m) {
+        xlo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kGroupChunk));
+        xhi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kGroupChunk + 16));
+      }
+      for (int r = 0; r < 2; ++r) {
+        const __m256i v =
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wc + (r0 + r) * 16)));
+        const __m256i lo = _mm256_sub_epi16(_mm256_and_si256(v, low), eight);
+        const __m256i hi = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);
+        for (int m = 0; m < 2; ++m) iacc[m][r] = dot_add(dot_add(iacc[m][r], lo, xlo[m]), hi, xhi[m]);
+      }
+    }
+    for (int r = 0; r < 2; ++r) {
+      const __m256 s = _mm256_set1_ps(bf16_to_float(scale[g * kRows + r0 + r]));
+      for (int m = 0; m < 2; ++m) facc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][r]), s, facc[m][r]);
+    }
+  }
+  for (int m = 0; m < 2; ++m)
+    for (int r = 0; r < 2; ++r) out[m * kRows + r0 + r] = hsum(facc[m][r]);
+}
+
+struct Int4Kernel {
+  const uint8_t* w;        // packed (Nb, Kp / 32, 4, 16)
+  const uint16_t* scale;   // bf16 (Nb, ngroups, 4)
+  const int16_t* xq;       // (M, Kp)
+  int64_t Kp, ngroups;
+
+  template <int MB>
+  void block(int64_t b, int64_t m0, float* out) const {
+    static_assert(MB == 1 || MB == 2, "int4: one or two tokens per pass");
+    const int64_t cpg = Kp / kGroupChunk / ngroups;
+    const uint8_t* wb = w + b * kRows * Kp / 2;
+    const uint16_t* sb = scale + b * ngroups * kRows;
+    if (MB == 1) {
+      int4_block(wb, sb, ngroups, cpg, xq + m0 * Kp, out);
+    } else {
+      for (int r0 = 0; r0 < kRows; r0 += 2) int4_pair(wb, sb, ngroups, cpg, xq + m0 * Kp, Kp, r0, out);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Driver shared by all weight types: split the row blocks over threads; for each block run the tokens in
 // pairs (the block's weights stay in L1/L2 between pairs), then scale, add the bias and store.
 
 template <typename OutT, typename Kernel>
@@ -265,7 +380,11 @@ void run_blocks(const Kernel& kernel, int64_t M, int64_t N, int64_t K, int64_t w
           for (int r = 0; r < rows; ++r) {
             const int64_t n = n0 + r;
             float v = out[m * kRows + r];
-            if (row_scale) v *= row_scale[n] * tok_scale[m0 + m];
+            if (row_scale) {
+              v *= row_scale[n] * tok_scale[m0 + m];
+            } else if (tok_scale) {  // int4: the row's scales are applied per group inside the kernel
+              v *= tok_scale[m0 + m];
+            }
             if (bias) v += bias[n];
             y[(m0 + m) * N + n] = static_cast<OutT>(v);
           }
@@ -318,6 +437,22 @@ at::Tensor linear_int8_impl(const at::Tensor& x, const at::Tensor& w, const at::
   return y;
 }
 
+template <typename T>
+at::Tensor linear_int4_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                            const at::Tensor& bias, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t Kp = w.size(1) * kGroupChunk;
+  std::vector<int16_t> xq(M * Kp);
+  std::vector<float> xscale(M);
+  pack_x_int16(x.data_ptr<T>(), M, K, Kp, xq.data(), xscale.data());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Int4Kernel kernel{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
+                          xq.data(), Kp, scale.size(1)};
+  // weight_bytes = 1 for the grain: half a byte per weight, plus scales, rounds up to about a byte's work.
+  run_blocks(kernel, M, N, K, 1, y.data_ptr<T>(), ptr_or_null(bias), nullptr, xscale.data());
+  return y;
+}
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   check_x(x, w);
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.size(1) == x.size(1),
@@ -340,14 +475,39 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return linear_int8_impl<float>(x, w, s, b);
 }
 
-}  // namespace
-
-TORCH_LIBRARY(codegen2_kernels, m) {
-  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias, int64_t N) {
+  check_x(x, w);
+  const int64_t K = x.size(1), Nb = (N + kRows - 1) / kRows;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 4 && w.size(0) == Nb && w.size(1) * kGroupChunk >= K &&
+                  w.size(2) == kRows && w.size(3) == 16,
+              "codegen2_kernels.linear_int4: w must be uint8 packed as (ceil(N/4), Kp/32, 4, 16)");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.dim() == 3 &&
+                  scale.size(0) == Nb && scale.size(2) == kRows && scale.size(1) > 0 &&
+                  w.size(1) % scale.size(1) == 0 && w.size(1) / scale.size(1) <= 8,
+              "codegen2_kernels.linear_int4: scale must be bf16 (ceil(N/4), groups, 4), groups of 32 to 256");
+  const at::Tensor b = row_vector(bias, N, "bias");
+  if (x.scalar_type() == at::kBFloat16) return linear_int4_impl<at::BFloat16>(x, w, scale, b, N);
+  return linear_int4_impl<float>(x, w, scale, b, N);
 }
 
-TORCH_LIBRARY_IMPL(codegen2_kernels, CPU, m) {
+}  // namespace
+
+// TORCH_LIBRARY pastes its namespace argument into identifiers; one more macro level expands CG2_OPS first.
+#ifndef CG2_OPS
+#define CG2_OPS codegen2_kernels_avx2
+#endif
+#define CG2_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define CG2_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+CG2_LIBRARY(CG2_OPS, m) {
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scale, Tensor? bias, int N) -> Tensor");
+}
+
+CG2_LIBRARY_IMPL(CG2_OPS, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
 }
