@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from codegen2.engine.options import add_load_args, load_kwargs
+
 
 def _read(path: str) -> str:
     if path == "-":
@@ -41,17 +43,7 @@ def split_at(text: str, line: int, column: int = 1) -> tuple[str, str]:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (downloaded on first use)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype (default bf16)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--mp-num", type=int, choices=[4, 8], help="override CodeGen2's detected qkv layout")
-    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter for --model (peft's format, e.g. a "
-                   "`codegen2 train` run's adapter/), applied without merging")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (about 2x faster "
-                        "decode on CPU), int4 = weight-only int4 in groups of 32 (a quarter of bf16's memory)")
-    p.add_argument("--speculative", metavar="ngram|draft:DIR",
-                   help="speculative decoding: prompt lookup (ngram) or a smaller draft model with the same tokenizer")
-    p.add_argument("--num-speculative-tokens", type=int, default=5, help="drafts per step (default 5)")
+    add_load_args(p)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -83,9 +75,7 @@ def _run(args: argparse.Namespace, prompt_kind: str) -> None:
     else:
         prompt = Infill(_read(args.prefix_file) if args.prefix_file else (args.prefix or ""),
                         _read(args.suffix_file) if args.suffix_file else (args.suffix or ""))
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
-                                    mp_num=args.mp_num, adapter=args.adapter, speculative=args.speculative,
-                                    num_speculative_tokens=args.num_speculative_tokens, max_batch=1)
+    engine = Engine.from_pretrained(args.model, **load_kwargs(args), max_batch=1)
     engine.add_request(prompt, params)
     n_tokens, reason = 0, None
     while engine.has_unfinished():

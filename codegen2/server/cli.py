@@ -3,7 +3,7 @@
     codegen2 serve --model Salesforce/codegen2-1B_P [--served-model-name NAME ...] [--host 127.0.0.1]
                    [--port 8000] [--api-key KEY ...] [--max-concurrency 16] [--max-model-len N]
                    [--kv-cache-gib 4] [--dtype bf16] [--device cpu] [--quant none|int8|int4]
-                   [--cors-origin ORIGIN ...] [--adapter LORA_DIR] [--speculative ngram|draft:DIR]
+                   [--cors-origin ORIGIN ...] [--adapter LORA_DIR] [--speculative ngram|draft:DIR] [--mp-num 4|8]
 
 The server listens at once and loads the model in the background (/health answers 503 until it is ready); if
 loading fails the server stops with the error. What this is not: the routes (app.py).
@@ -15,6 +15,8 @@ import argparse
 import errno
 import os
 import socket
+
+from codegen2.engine.options import add_load_args, load_kwargs
 
 
 class _Defaults(argparse.HelpFormatter):
@@ -33,7 +35,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "infill), /infill and /completion (llama.cpp), a playground at /.",
                               formatter_class=_Defaults)
     p.add_argument("--model", required=True, help="model directory or Hugging Face hub id (downloaded on first use)")
-    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter for --model (peft's format), applied unmerged")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="the name(s) requests may give as model; responses carry the first (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
@@ -45,14 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's)")
     p.add_argument("--kv-cache-gib", type=float, default=4.0,
                    help="memory for the KV cache; it bounds the concurrent sequences as well")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="weight format: none = as loaded in --dtype, int8 = weight-only int8 (faster CPU decode), "
-                        "int4 = weight-only int4 in groups of 32 (a quarter of bf16's memory)")
-    p.add_argument("--speculative", metavar="ngram|draft:DIR",
-                   help="speculative decoding: prompt lookup (ngram) or a smaller draft model with the same tokenizer")
-    p.add_argument("--num-speculative-tokens", type=int, default=5, help="drafts per sequence and step")
+    add_load_args(p)
     p.add_argument("--cors-origin", action="append", default=[],
                    help="let browser pages from this origin call the API (repeatable, '*' for any); off by default")
 
@@ -99,11 +93,8 @@ def run(args: argparse.Namespace) -> None:
 
     def load() -> Engine:
         try:
-            return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
-                                          adapter=args.adapter, max_batch=args.max_concurrency,
-                                          max_seq_len=args.max_model_len, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
-                                          speculative=args.speculative,
-                                          num_speculative_tokens=args.num_speculative_tokens)
+            return Engine.from_pretrained(args.model, **load_kwargs(args), max_batch=args.max_concurrency,
+                                          max_seq_len=args.max_model_len, kv_cache_bytes=int(args.kv_cache_gib * 2**30))
         except BaseException:
             server.should_exit = True  # a server without a model only answers 503: stop instead
             raise
