@@ -53,11 +53,17 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 def make_checkpoint(preset: str, directory: Path) -> None:
     from codegen2.models import preset_config
+
+    random_checkpoint(preset_config(preset), directory)
+
+
+def random_checkpoint(cfg, directory: Path) -> None:
+    """A model of config ``cfg`` with N(0, 0.02) bf16 weights (seed 0), saved in Hugging Face's format."""
     from codegen2.models import build
     from codegen2.models.checkpoint import save_model
 
     torch.manual_seed(0)
-    model = build(preset_config(preset)).to(torch.bfloat16)
+    model = build(cfg).to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
@@ -128,8 +134,9 @@ def run_reference(directory: str, decode_tokens: int, concurrent_runs: int) -> d
     return result
 
 
-def child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def child(args: list[str], script: str = __file__) -> dict:
+    """Run ``script`` (this file by default) with ``args`` in a fresh process: its last stdout line, as JSON."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
