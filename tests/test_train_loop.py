@@ -443,29 +443,32 @@ def test_tiny_model_learns_a_pattern_and_infills_held_out_instances(pattern_mode
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_finetuning_a_pretrained_base_learns_a_new_kind(pattern_model, tmp_path, kind):
+def test_lora_learns_a_new_kind_about_as_well_as_full_finetuning(pattern_model, tmp_path):
     """The pattern model as a pre-trained base (model.init_from), fine-tuned on a corpus that adds a fourth kind
-    it has never seen (triple: ``return x + x + x``); then it infills the held-out functions of all four kinds.
-    The same bar for both: at least 4 of the 6 triples and 18 of the 24 bodies right.
-    Measured: base 16 of 24 right (0 of the 6 triples). Full fine-tuning (lr 3e-3, 150 steps): 24 of 24.
-    LoRA (rank 8, alpha 16, every block linear; base, embeddings and output layer frozen) learns more slowly per
-    step, as LoRA does: lr 1e-2 for 600 steps: 21 of 24 with 6 of 6 triples (a step here is only ~13% cheaper:
-    1,830 against 1,600 tokens/s, as the frozen output layer's forward pass dominates); 150 steps at lr 3e-2: 11
-    of 24 (1 triple); rank 32, 300 steps: 18 of 24 (4 triples); lr 1e-1 diverges."""
+    it has never seen (triple: ``return x + x + x``), once in full and once with LoRA (rank 8, alpha 16, every
+    block linear; base, embeddings and output layer frozen); each then infills the held-out functions of all
+    four kinds (LoRA: the base with ``adapter=``, unmerged). Measured: base 16 of 24 right (0 of the 6 triples);
+    full (lr 3e-3, 150 steps) 24 of 24; LoRA (lr 1e-2, 600 steps: LoRA learns more slowly per step) 21 of 24
+    with 6 of 6 triples. A LoRA step here is only ~13% cheaper (1,830 against 1,600 tokens/s), as the frozen
+    output layer's forward pass dominates. Also measured: LoRA at 150 steps (lr 3e-2) 11 of 24 (1 triple), rank
+    32 at 300 steps 18 of 24 (4 triples); lr 1e-1 diverges. The margin, 4 of 24, is the measured gap of 3 plus
+    one body of room for another CPU's rounding."""
     base = pattern_model[0] / "model"
     kinds = {**BODIES, "triple": "    return x + x + x"}
     corpus_dir, _ = pattern_corpus(tmp_path, kinds)
-    path = tmp_path / f"{kind}.toml"
-    lr, steps = (3e-3, 150) if kind == "full" else (1e-2, 600)
-    lora = "[lora]\nrank = 8\nalpha = 16.0\n" if kind == "lora" else ""
-    path.write_text(f'[model]\ninit_from = "{base}"\n' + lora + LEARN_CONFIG.format(
-        corpus=corpus_dir, lr=lr, min_lr=lr / 10, steps=steps, out=tmp_path / kind, eval_every=0))
-    r = run_train("--config", str(path), env_extra={"OMP_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr
-    before, _ = infill_bodies(kinds, True, model=base)
-    model = {"model": tmp_path / kind / "model"} if kind == "full" else {"model": base,
-                                                                         "adapter": tmp_path / kind / "adapter"}
-    after, texts = infill_bodies(kinds, True, **model)
-    assert sum(before[3::4]) == 0, before  # the base never writes the new kind's body
-    assert sum(after[3::4]) >= 4 and sum(after) >= 18, texts
+    runs = {}
+    for kind, lr, steps, lora in (("full", 3e-3, 150, ""), ("lora", 1e-2, 600, "[lora]\nrank = 8\nalpha = 16.0\n")):
+        path = tmp_path / f"{kind}.toml"
+        path.write_text(f'[model]\ninit_from = "{base}"\n{lora}' + LEARN_CONFIG.format(
+            corpus=corpus_dir, lr=lr, min_lr=lr / 10, steps=steps, out=tmp_path / kind, eval_every=0))
+        r = run_train("--config", str(path), env_extra={"OMP_NUM_THREADS": "2"})
+        assert r.returncode == 0, r.stderr
+        runs[kind] = tmp_path / kind
+    scores = {"base": infill_bodies(kinds, True, model=base),
+              "full": infill_bodies(kinds, True, model=runs["full"] / "model"),
+              "lora": infill_bodies(kinds, True, model=base, adapter=runs["lora"] / "adapter")}
+    right = {k: sum(v[0]) for k, v in scores.items()}
+    new = {k: sum(v[0][3::4]) for k, v in scores.items()}  # the kind only the fine-tuning corpus has
+    assert new["base"] == 0, (right, new, scores)  # the base never writes the new kind's body
+    assert new["full"] >= 4 and right["full"] >= 18, (right, new, scores)
+    assert new["lora"] >= 4 and right["lora"] >= right["full"] - 4, (right, new, scores)
