@@ -27,7 +27,7 @@ from codegen2.models.codegen2 import CodeGen2, CodeGen2Config
 from codegen2.models.llama import Llama, LlamaConfig
 
 SHAPES = [(1000, 2048), (51200, 64), (37, 69), (6, 200)]  # (N, K): odd K, ragged N, K % 16 != 0
-MS = [1, 2, 5, 16, 40]
+MS = [1, 2, 5, 16, 40, 67]  # the GEMM from 16 rows (int4) / 32 (bf16); 40 and 67 leave ragged 16-token tiles
 U = 2.0**-8  # bf16 unit roundoff: rounding a value to bf16 changes it by at most U times its size
 
 
@@ -254,6 +254,38 @@ def test_int4_native_equals_fallback_on_exact_inputs(native, monkeypatch):
     bound = 8 * 2.0**-24 * F.linear(x.double().abs(), w.abs())
     err = (nat(x).double() - exact).abs()
     assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int4"])
+def test_prefill_gemm_is_exact_on_dyadic_inputs(path, mode):
+    """The GEMM (from 32 rows for bf16, 16 for int4) on inputs where every product and partial sum is exact in
+    fp32: x in {-1, 0, 1}, weights small multiples of powers of two (sums below 2^13 in steps of 2^-6 need 19
+    bits). So the result must equal the fp64 product bit for bit: any tile, panel, K-block or tail slip (M = 133
+    is 8 tiles of 16 tokens and one of 5; M = 20 one of 16 and one of 4; N = 200 is 4 tasks of 48 rows and a
+    ragged one of 8; K = 600 is 2 blocks of 256 and one of 88) shows as a whole-term error. The small-M paths
+    (M = 5; bf16 M = 20) are checked on the same inputs."""
+    if path == "torch":
+        pytest.skip("the fallback computes a bf16 weight's product in bf16 (torch's F.linear), not exactly")
+    g = torch.Generator().manual_seed(0)
+    N, K, G = 200, 600, 64  # int4: 10 groups, the last one short (600 = 9 * 64 + 24)
+    q = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+    if mode == "bf16":
+        w = (q.float() * 2.0 ** torch.randint(-6, 3, (N, 1), generator=g)).bfloat16()
+        layer, w64 = DecodeLinear(w, None), w.double()
+    else:
+        s = (2.0 ** torch.randint(-6, 3, (N, -(-K // G)), generator=g)).bfloat16()
+        layer = DecodeLinear(q, None, s, G)
+        w64 = q.double() * s.double().repeat_interleave(G, dim=1)[:, :K]
+    for M in (5, 20, 50, 133):
+        x = torch.randint(-1, 2, (M, K), generator=g).float()
+        x[:, 0] = 1.0  # max|x| = 1: the small-M int4 path's int16 rounding of x is exact too
+        exact = F.linear(x.double(), w64)
+        y = layer(x).double()
+        if mode == "int4" and M < 16:
+            # Small-M int4: group sums scaled in fp32 lanes (see test_int4_native_equals_fallback_on_exact_inputs).
+            assert bool(((y - exact).abs() <= 8 * 2.0**-24 * F.linear(x.double().abs(), w64.abs())).all())
+        else:
+            assert torch.equal(y, exact), f"M={M}: worst error {float((y - exact).abs().max())}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

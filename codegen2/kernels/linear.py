@@ -13,11 +13,12 @@ M > 1), so ``DecodeLinear`` routes those calls to the native kernels (``native.p
   Q4_0 (which reaches -8 by clamping and so bounds its error less tightly). Activations as for int8.
 
 Which path a product takes, by its number of rows M (``DecodeLinear.path``):
-- int8 and int4: always the native kernel when it is available, whatever M and the CPU level, so a quantized model
-  gives the same numbers on every x86 CPU (the fallback dequantizes the weight to bf16, which rounds differently).
-- bf16: the native kernel, except where oneDNN has a native bf16 GEMM (AVX512-BF16, AMX) and M > 16: there the
-  product goes to torch, which is faster for prefill-sized M; both accumulate in fp32 and round once. On AVX2-only
-  CPUs torch's bf16 ``F.linear`` runs at ~5 GMAC/s, 5x slower than the kernel even at M = 1024.
+- int8 and int4: always the native kernels when they are available, whatever M and the CPU level, so a quantized
+  model gives the same numbers on every x86 CPU (the fallback dequantizes the weight to bf16, which rounds
+  differently). Inside, int4 products of 16 rows or more take the native fp32 GEMM (decode_linear.cpp).
+- bf16: the native kernels (the GEMM from 32 rows), except where oneDNN has a native bf16 GEMM (AVX512-BF16, AMX)
+  and M > 16: there the product goes to torch, which is faster for prefill-sized M; all accumulate in fp32 and
+  round once. On AVX2-only CPUs torch's bf16 ``F.linear`` runs at ~5 GMAC/s, 15x slower than the native GEMM.
 
 What this is not: a training layer (no autograd), a GPU path (non-CPU tensors take the torch path), or a
 general GEMM library.

@@ -1,9 +1,11 @@
-// Weight-streaming linear layers for small-batch CPU decode: y = x @ W.T (+ b) for x of a few rows.
+// CPU linear layers for inference: y = x @ W.T (+ b) in bf16, int8 and int4 weights.
 //
-// Decode reads every weight once per step, so these kernels have one goal: stream W at memory speed and do as
-// little work per byte as possible. They are not tuned GEMMs: each weight chunk is converted once per pair of
-// tokens and the row block stays in L1/L2 for the next pair, which still beats torch's bf16 matmul on AVX2-only
-// CPUs at any M, but is no match for oneDNN where the CPU has native bf16 (the Python side routes such cases).
+// Decode reads every weight once per step, so the small-M kernels have one goal: stream W at memory speed and do
+// as little work per byte as possible: each weight chunk is converted once per pair of tokens and the row block
+// stays in L1/L2 for the next pair. That caps them at ~80-110 GFLOP/s (2 threads, Zen 3) for prompt-sized M, so
+// from 32 (bf16) / 16 (int4) rows, products take a register-blocked GEMM instead (section "Batched and
+// prefill-sized products" below). Where the CPU has native bf16 (AVX512-BF16, AMX) the Python side routes bf16
+// prefill to oneDNN.
 //
 // Compiled once per CPU level (native.py: LEVELS), each build its own op namespace, torch.ops.<CG2_OPS>.*, so
 // that several levels can be loaded side by side and compared. Every level needs AVX2 + FMA; the Python loader
@@ -45,6 +47,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -394,6 +397,178 @@ void run_blocks(const Kernel& kernel, int64_t M, int64_t N, int64_t K, int64_t w
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Batched and prefill-sized products (from kGemmMinRows* rows) of bf16 and int4 weights: a register-blocked fp32
+// GEMM. The pair kernels above convert every weight again for each pair of tokens and cap at ~70-110 GFLOP/s
+// (2 threads, Zen 3); MKL's fp32 GEMM reached ~80 there and torch's bf16 matmul ~10 on AVX2, so this is written
+// by hand. Each weight is converted (bf16) or dequantized (int4) once per call into an fp32 panel, row-major, so
+// the conversion is a few vector ops per 8 weights with no transpose; x is transposed once per call into tiles of
+// 16 tokens, xt[k][16]. The 6 x 16 micro-kernel (the BLIS shape for 16 ymm registers) holds 6 weight rows x 16
+// tokens in 12 accumulators; per k it loads 2 vectors of 8 tokens, broadcasts 6 weights and does 12 FMAs, so it
+// runs at FMA speed whenever M >= 16 (with few tokens the weight stream is the limit: see the prefetch in
+// gemm_run). Blocking: a task is kNC = 48 weight rows; K is taken kKC = 256 at a time, so
+// the task's panel (48 KiB fp32) sits in L2 while each 16-token tile of x (16 KiB) stays in L1 across it;
+// partial sums live in a per-task buffer (48, M rounded up to 16) between K blocks.
+// Numbers: fp32 products and sums of x and the (dequantized) weight, rounded once at the end; for int4 this skips
+// the int16 rounding of x, so it is at least as accurate as the small-M path (tests/test_kernels.py holds both to
+// the same bounds). int8 keeps its integer kernel for every M: it already runs at ~95-130 GFLOP/s for M = 16
+// to 256 (vpmaddwd does 16 multiply-adds per instruction), and it keeps each row's result independent of the
+// other rows in the call.
+
+constexpr int kMR = 6;     // weight rows per micro-kernel
+constexpr int kTT = 16;    // tokens per x tile (two 8-lane vectors)
+constexpr int kKC = 256;   // K per block
+constexpr int kNC = 48;    // weight rows per task: 8 micro-panels
+// From how many rows the GEMM is used (measured, 2 threads, Zen 3, the 1B shape's linears, best of 15 rounds
+// interleaved; GFLOP/s GEMM vs pair kernel): bf16 M = 16: 74-98 vs 80-114 (pair wins), M = 32: 94-98 vs 87-104,
+// M = 64: 108-114 vs 87-100, M = 256: 113-120 vs 71-85; int4 M = 16: 77-100 vs 64-69, M = 256: 113-138 vs 69-106.
+constexpr int64_t kGemmMinRowsBf16 = 32;
+constexpr int64_t kGemmMinRowsInt4 = 16;
+
+// c[i * ldc + t] (+)= sum_k a[i * kKC + k] * bt[k * 16 + t] for i < R, t < 8 * NV. The accumulators are named
+// variables, not an array: with an array GCC 12 kept a copy of each on the stack and stored all 12 every step
+// (half speed, seen in the disassembly).
+template <int NV>
+inline void micro_6x16(int64_t kc, const float* a, const float* bt, float* c, int64_t ldc, bool first) {
+  __m256 c0a = _mm256_setzero_ps(), c0b = c0a, c1a = c0a, c1b = c0a, c2a = c0a, c2b = c0a;
+  __m256 c3a = c0a, c3b = c0a, c4a = c0a, c4b = c0a, c5a = c0a, c5b = c0a;
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(bt + k * kTT);  // xt is a std::vector: 16-byte aligned only
+    const __m256 b1 = NV == 2 ? _mm256_loadu_ps(bt + k * kTT + 8) : b0;
+#define CG2_ROW(i)                                              \
+    {                                                           \
+      const __m256 w = _mm256_broadcast_ss(a + i * kKC + k);    \
+      c##i##a = _mm256_fmadd_ps(w, b0, c##i##a);                \
+      if constexpr (NV == 2) c##i##b = _mm256_fmadd_ps(w, b1, c##i##b); \
+    }
+    CG2_ROW(0) CG2_ROW(1) CG2_ROW(2) CG2_ROW(3) CG2_ROW(4) CG2_ROW(5)
+#undef CG2_ROW
+  }
+#define CG2_STORE(i, v, off)                                                        \
+  if (!first) v = _mm256_add_ps(v, _mm256_loadu_ps(c + i * ldc + off));             \
+  _mm256_storeu_ps(c + i * ldc + off, v);
+#define CG2_STORE_ROW(i) { CG2_STORE(i, c##i##a, 0) if constexpr (NV == 2) { CG2_STORE(i, c##i##b, 8) } }
+  CG2_STORE_ROW(0) CG2_STORE_ROW(1) CG2_STORE_ROW(2) CG2_STORE_ROW(3) CG2_STORE_ROW(4) CG2_STORE_ROW(5)
+#undef CG2_STORE_ROW
+#undef CG2_STORE
+}
+
+// Panel writers: panel[r * kKC + k] = W[n0 + r, k0 + k] as fp32 for r < rows, k < kc (the caller zero fills rows
+// rows .. up to a multiple of 6; a writer may write past kc within the row, never past kKC).
+struct Bf16Panel {
+  const uint16_t* w;  // (N, K) row-major
+  int64_t K;
+  void operator()(int64_t n0, int rows, int64_t k0, int64_t kc, float* panel) const {
+    for (int r = 0; r < rows; ++r) {
+      const uint16_t* src = w + (n0 + r) * K + k0;
+      float* dst = panel + r * kKC;
+      int64_t k = 0;
+      for (; k + 8 <= kc; k += 8) {  // bf16 -> fp32 is a 16-bit shift
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
+        _mm256_store_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+      }
+      for (; k < kc; ++k) dst[k] = bf16_to_float(src[k]);
+    }
+  }
+  // Asks for rows n0 .. n0 + rows - 1 of the K block at k0 (see gemm_run: prefetch).
+  void prefetch(int64_t n0, int rows, int64_t k0) const {
+    for (int r = 0; r < rows; ++r)
+      for (int64_t k = k0; k < std::min(K, k0 + kKC); k += 32)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k), _MM_HINT_T0);
+  }
+};
+
+struct Int4Panel {
+  const uint8_t* w;       // packed (Nb, Kp / 32, 4, 16), K zero padded to Kp (a multiple of the group size)
+  const uint16_t* scale;  // bf16 (Nb, ngroups, 4); a group (>= 32 columns) never splits a 32-column chunk
+  int64_t Kp, ngroups;
+  void operator()(int64_t n0, int rows, int64_t k0, int64_t kc, float* panel) const {
+    const int64_t G = Kp / ngroups;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i eight = _mm256_set1_epi32(8);
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = n0 + r, b = n / kRows, rr = n % kRows;
+      const uint8_t* src = w + b * kRows * Kp / 2 + rr * 16 + (k0 / kGroupChunk) * kRows * 16;
+      const uint16_t* sc = scale + b * ngroups * kRows + rr;
+      float* dst = panel + r * kKC;
+      // Whole 32-column chunks up to kc rounded up (kc < kKC only in the last block, where Kp covers the rest).
+      for (int64_t c = 0; c * kGroupChunk < kc; ++c, src += kRows * 16) {
+        const __m256 s = _mm256_set1_ps(bf16_to_float(sc[((k0 + c * kGroupChunk) / G) * kRows]));
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+        const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};  // columns 0-7 .. 24-31
+        for (int j = 0; j < 4; ++j) {
+          const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[j]), eight);
+          _mm256_store_ps(dst + c * kGroupChunk + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+        }
+      }
+    }
+  }
+  void prefetch(int64_t n0, int rows, int64_t k0) const {  // whole 4-row blocks: 64 bytes per 32 columns
+    for (int64_t b = n0 / kRows; b * kRows < n0 + rows; ++b)
+      for (int64_t c = k0 / kGroupChunk; c * kGroupChunk < std::min(Kp, k0 + kKC); ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w + b * kRows * Kp / 2 + c * kRows * 16), _MM_HINT_T0);
+  }
+};
+
+// x transposed once per call into tiles of 16 tokens: xt[t * K * 16 + k * 16 + j] = x[16 t + j, k] as fp32
+// (tokens past M are 0).
+template <typename T>
+std::vector<float> pack_x_tiles(const T* x, int64_t M, int64_t K) {
+  const int64_t tiles = (M + kTT - 1) / kTT;
+  std::vector<float> xt(tiles * kTT * K);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* dst = xt.data() + t * kTT * K;
+      for (int j = 0; j < kTT; ++j) {
+        const int64_t m = t * kTT + j;
+        for (int64_t k = 0; k < K; ++k) dst[k * kTT + j] = m < M ? static_cast<float>(x[m * K + k]) : 0.0f;
+      }
+    }
+  });
+  return xt;
+}
+
+template <typename OutT, typename Panel>
+void gemm_run(const Panel& pack, const float* xt, int64_t M, int64_t N, int64_t K, OutT* y, const float* bias) {
+  const int64_t ntasks = (N + kNC - 1) / kNC, tiles = (M + kTT - 1) / kTT, Mp = tiles * kTT;
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) static thread_local float panel[kNC * kKC];
+    std::vector<float> cbuf(kNC * Mp);  // (rows, Mp): partial sums of this task
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kNC;
+      const int rows = static_cast<int>(std::min<int64_t>(kNC, N - n0));
+      const int mpanels = (rows + kMR - 1) / kMR;
+      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+        const int64_t kc = std::min<int64_t>(kKC, K - k0);
+        std::fill(panel + rows * kKC, panel + mpanels * kMR * kKC, 0.0f);  // the ragged last micro-panel
+        pack(n0, rows, k0, kc, panel);
+        for (int64_t tt = 0; tt < tiles; ++tt) {
+          const float* bt = xt + tt * kTT * K + k0 * kTT;
+          const bool two = M - tt * kTT > 8;
+          for (int p = 0; p < mpanels; ++p) {
+            // Rows of a block are short streams (512 bytes of each of 48 rows) that the hardware prefetchers do
+            // not follow, and with few tokens the multiply is too short to hide their misses: ask for the next
+            // block's rows a micro-panel at a time, spread over this block's work.
+            if (tt == 0 && k0 + kKC < K) pack.prefetch(n0 + p * kMR, std::min(kMR, rows - p * kMR), k0 + kKC);
+            float* c = cbuf.data() + p * kMR * Mp + tt * kTT;
+            if (two) {
+              micro_6x16<2>(kc, panel + p * kMR * kKC, bt, c, Mp, k0 == 0);
+            } else {
+              micro_6x16<1>(kc, panel + p * kMR * kKC, bt, c, Mp, k0 == 0);
+            }
+          }
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        const int64_t n = n0 + r;
+        const float b = bias ? bias[n] : 0.0f;
+        for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<OutT>(cbuf[r * Mp + m] + b);
+      }
+    }
+  });
+}
+
 void check_x(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "codegen2_kernels: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "codegen2_kernels: x must be a contiguous (M, K) matrix");
@@ -414,11 +589,17 @@ inline const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.da
 template <typename T>
 at::Tensor linear_bf16_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  if (M >= kGemmMinRowsBf16) {
+    gemm_run(Bf16Panel{wp, K}, pack_x_tiles(x.data_ptr<T>(), M, K).data(), M, N, K, y.data_ptr<T>(),
+             ptr_or_null(bias));
+    return y;
+  }
   const int64_t Kp = (K + kChunk - 1) / kChunk * kChunk;
   std::vector<float> xf(M * Kp);
   pack_x_bf16(x.data_ptr<T>(), M, K, Kp, xf.data());
-  at::Tensor y = at::empty({M, N}, x.options());
-  const Bf16Kernel kernel{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xf.data(), N, K, Kp};
+  const Bf16Kernel kernel{wp, xf.data(), N, K, Kp};
   run_blocks(kernel, M, N, K, 2, y.data_ptr<T>(), ptr_or_null(bias), nullptr, nullptr);
   return y;
 }
@@ -428,10 +609,10 @@ at::Tensor linear_int8_impl(const at::Tensor& x, const at::Tensor& w, const at::
                             const at::Tensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = scale.numel();
   const int64_t Kp = w.size(1) * kChunk;
+  at::Tensor y = at::empty({M, N}, x.options());
   std::vector<int16_t> xq(M * Kp);
   std::vector<float> xscale(M);
   pack_x_int16(x.data_ptr<T>(), M, K, Kp, xq.data(), xscale.data());
-  at::Tensor y = at::empty({M, N}, x.options());
   const Int8Kernel kernel{w.data_ptr<int8_t>(), xq.data(), Kp};
   run_blocks(kernel, M, N, K, 1, y.data_ptr<T>(), ptr_or_null(bias), scale.data_ptr<float>(), xscale.data());
   return y;
@@ -442,12 +623,17 @@ at::Tensor linear_int4_impl(const at::Tensor& x, const at::Tensor& w, const at::
                             const at::Tensor& bias, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t Kp = w.size(1) * kGroupChunk;
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M >= kGemmMinRowsInt4) {
+    gemm_run(Int4Panel{w.data_ptr<uint8_t>(), sp, Kp, scale.size(1)}, pack_x_tiles(x.data_ptr<T>(), M, K).data(),
+             M, N, K, y.data_ptr<T>(), ptr_or_null(bias));
+    return y;
+  }
   std::vector<int16_t> xq(M * Kp);
   std::vector<float> xscale(M);
   pack_x_int16(x.data_ptr<T>(), M, K, Kp, xq.data(), xscale.data());
-  at::Tensor y = at::empty({M, N}, x.options());
-  const Int4Kernel kernel{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
-                          xq.data(), Kp, scale.size(1)};
+  const Int4Kernel kernel{w.data_ptr<uint8_t>(), sp, xq.data(), Kp, scale.size(1)};
   // weight_bytes = 1 for the grain: half a byte per weight, plus scales, rounds up to about a byte's work.
   run_blocks(kernel, M, N, K, 1, y.data_ptr<T>(), ptr_or_null(bias), nullptr, xscale.data());
   return y;
