@@ -18,7 +18,7 @@ Which path a product takes, by its number of rows M (``DecodeLinear.path``):
   differently). Inside, int4 products of 16 rows or more take the native fp32 GEMM (decode_linear.cpp).
 - bf16: the native kernels (the GEMM from 32 rows), except where oneDNN has a native bf16 GEMM (AVX512-BF16, AMX)
   and M > 16: there the product goes to torch, which is faster for prefill-sized M; all accumulate in fp32 and
-  round once. On AVX2-only CPUs torch's bf16 ``F.linear`` runs at ~5 GMAC/s, 15x slower than the native GEMM.
+  round once. On AVX2-only CPUs torch's bf16 ``F.linear`` runs at ~5 GMAC/s, ~12x slower than the native GEMM.
 
 What this is not: a training layer (no autograd), a GPU path (non-CPU tensors take the torch path), or a
 general GEMM library.

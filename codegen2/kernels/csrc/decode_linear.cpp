@@ -47,7 +47,6 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -420,8 +419,9 @@ constexpr int kTT = 16;    // tokens per x tile (two 8-lane vectors)
 constexpr int kKC = 256;   // K per block
 constexpr int kNC = 48;    // weight rows per task: 8 micro-panels
 // From how many rows the GEMM is used (measured, 2 threads, Zen 3, the 1B shape's linears, best of 15 rounds
-// interleaved; GFLOP/s GEMM vs pair kernel): bf16 M = 16: 74-98 vs 80-114 (pair wins), M = 32: 94-98 vs 87-104,
-// M = 64: 108-114 vs 87-100, M = 256: 113-120 vs 71-85; int4 M = 16: 77-100 vs 64-69, M = 256: 113-138 vs 69-106.
+// interleaved, three runs; GFLOP/s GEMM vs pair kernel): bf16 M = 16: 74-98 vs 80-114 (pair wins), M = 32: 94-98
+// vs 87-104, M = 64: 108-114 vs 87-100, M = 256: 113-137 vs 71-98; int4 M = 16: 77-100 vs 64-69, M = 256:
+// 113-141 vs 69-106.
 constexpr int64_t kGemmMinRowsBf16 = 32;
 constexpr int64_t kGemmMinRowsInt4 = 16;
 
@@ -547,9 +547,9 @@ void gemm_run(const Panel& pack, const float* xt, int64_t M, int64_t N, int64_t 
           const float* bt = xt + tt * kTT * K + k0 * kTT;
           const bool two = M - tt * kTT > 8;
           for (int p = 0; p < mpanels; ++p) {
-            // Rows of a block are short streams (512 bytes of each of 48 rows) that the hardware prefetchers do
-            // not follow, and with few tokens the multiply is too short to hide their misses: ask for the next
-            // block's rows a micro-panel at a time, spread over this block's work.
+            // Rows of a block are short streams (512 bytes of each of 48 rows), and with few tokens the multiply
+            // is too short to hide their misses: ask for the next block's rows a micro-panel at a time, spread
+            // over this block's work. Measured at M = 16 int4: 71-89 -> 77-100 GFLOP/s, near this VM's noise.
             if (tt == 0 && k0 + kKC < K) pack.prefetch(n0 + p * kMR, std::min(kMR, rows - p * kMR), k0 + kKC);
             float* c = cbuf.data() + p * kMR * Mp + tt * kTT;
             if (two) {
@@ -609,10 +609,10 @@ at::Tensor linear_int8_impl(const at::Tensor& x, const at::Tensor& w, const at::
                             const at::Tensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = scale.numel();
   const int64_t Kp = w.size(1) * kChunk;
-  at::Tensor y = at::empty({M, N}, x.options());
   std::vector<int16_t> xq(M * Kp);
   std::vector<float> xscale(M);
   pack_x_int16(x.data_ptr<T>(), M, K, Kp, xq.data(), xscale.data());
+  at::Tensor y = at::empty({M, N}, x.options());
   const Int8Kernel kernel{w.data_ptr<int8_t>(), xq.data(), Kp};
   run_blocks(kernel, M, N, K, 1, y.data_ptr<T>(), ptr_or_null(bias), scale.data_ptr<float>(), xscale.data());
   return y;
