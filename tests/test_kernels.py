@@ -263,7 +263,7 @@ def test_prefill_gemm_is_exact_on_dyadic_inputs(path, mode):
     bits). So the result must equal the fp64 product bit for bit: any tile, panel, K-block or tail slip (M = 133
     is 8 tiles of 16 tokens and one of 5; M = 20 one of 16 and one of 4; N = 200 is 4 tasks of 48 rows and a
     ragged one of 8; K = 600 is 2 blocks of 256 and one of 88) shows as a whole-term error. The small-M paths
-    (M = 5; bf16 M = 20) are checked on the same inputs."""
+    (M = 5; bf16 M = 20) are checked on the same inputs, and so is torch's path where the CPU sends a bf16 M there."""
     if path == "torch":
         pytest.skip("the fallback computes a bf16 weight's product in bf16 (torch's F.linear), not exactly")
     g = torch.Generator().manual_seed(0)
@@ -281,7 +281,11 @@ def test_prefill_gemm_is_exact_on_dyadic_inputs(path, mode):
         x[:, 0] = 1.0  # max|x| = 1: the small-M int4 path's int16 rounding of x is exact too
         exact = F.linear(x.double(), w64)
         y = layer(x).double()
-        if mode == "int4" and M < 16:
+        if layer.path(M, x) == "torch":
+            # CPUs where oneDNN has native bf16 send this M to torch (native_bf16_max_m): it accumulates the exact
+            # terms in fp32 too and rounds the result once, to bf16.
+            assert torch.equal(y, exact.bfloat16().double()), f"M={M}: torch's path not rounded once"
+        elif mode == "int4" and M < 16:
             # Small-M int4: group sums scaled in fp32 lanes (see test_int4_native_equals_fallback_on_exact_inputs).
             assert bool(((y - exact).abs() <= 8 * 2.0**-24 * F.linear(x.double().abs(), w64.abs())).all())
         else:
@@ -409,17 +413,28 @@ def test_prepare_picks_the_kernels_by_weights_and_availability(path):
     assert layers and all(m.mode == "int8" and m.native == (path == "native") for m in layers)
 
 
-def test_int8_path_does_not_depend_on_the_cpu(path, monkeypatch):
-    """Where oneDNN has native bf16 (AVX512-BF16, AMX), bf16 products of more than 16 rows go to torch; int8
-    products stay on one path for every M, so an int8 model computes the same numbers on every x86 CPU."""
-    monkeypatch.setattr(linear_module, "has_fast_bf16_gemm", lambda: True)
+@pytest.mark.parametrize("max_m", [16, 2])
+def test_int8_path_does_not_depend_on_the_cpu(path, monkeypatch, max_m):
+    """Where oneDNN has native bf16, bf16 products of more than 16 rows (AVX512-BF16) or 2 rows (AMX) go to
+    torch; int8 and int4 products stay on one path for every M, so a quantized model computes the same numbers on
+    every x86 CPU."""
+    monkeypatch.setattr(linear_module, "native_bf16_max_m", lambda: max_m)
     bf16 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "bf16")
     int8 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "int8")
     int4 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "int4")
     x = torch.randn(40, 32).bfloat16()
-    assert [bf16.path(m, x) for m in (1, 16, 17, 40)] == [path, path, "torch", "torch"]
+    ms = (1, max_m, max_m + 1, 40)
+    assert [bf16.path(m, x) for m in ms] == [path, path, "torch", "torch"]
     assert [int8.path(m, x) for m in (1, 16, 17, 40, 1024)] == [path] * 5
     assert [int4.path(m, x) for m in (1, 16, 17, 40, 1024)] == [path] * 5
+
+
+def test_bf16_crossover_follows_the_cpu_flags(monkeypatch):
+    """The bf16 crossover comes from the flags: AMX 2 rows, AVX512-BF16 alone 16, neither any M."""
+    base = frozenset({"avx2", "fma", "avx512f"})
+    for extra, want in (({"amx_bf16", "avx512_bf16"}, 2), ({"avx512_bf16"}, 16), (set(), None)):
+        monkeypatch.setattr(native_module, "cpu_flags", lambda extra=extra: base | extra)
+        assert native_module.native_bf16_max_m() == want
 
 
 # ----------------------------------------------------------------------------------------------------------------

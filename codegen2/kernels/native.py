@@ -91,10 +91,23 @@ def ops(level: str):
     return getattr(torch.ops, f"codegen2_kernels_{level}")
 
 
-def has_fast_bf16_gemm() -> bool:
-    """Whether oneDNN has native bf16 matmul here (AVX512-BF16 or AMX), which beats our kernel for prefill-sized
-    products: 260-360 GFLOP/s for 64-row bf16 products was measured through torch on a Zen 4 with AVX512-BF16."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+def native_bf16_max_m() -> int | None:
+    """The most rows a bf16 product may have to take our native kernel rather than torch's F.linear; None: any M.
+
+    Where oneDNN has native bf16 matmul, torch beats our fp32-accumulating kernels once a product has a few rows:
+    - AMX (amx_bf16): from 4 rows. Measured on an AMX Xeon (2 threads, quiet; ms ours / torch, 1B shapes):
+      6144x2048 M=2 0.97/1.61, M=4 2.54/1.78, M=16 8.76/2.10; 8192x2048 M=2 2.45/3.19, M=4 3.12/2.68, M=16
+      13.0/2.97; 2048x8192 M=2 2.18/2.85, M=4 3.90/3.23; M=3 is a tie. So up to 2 rows.
+    - AVX512-BF16 without AMX: 260-360 GFLOP/s for 64-row products was measured through torch on a Zen 4, against
+      ~90 for ours; up to 16 rows.
+    - Neither (AVX2 CPUs): torch's bf16 F.linear runs at ~5 GMAC/s, so always ours.
+    """
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return 2
+    if "avx512_bf16" in flags:
+        return 16
+    return None
 
 
 def _build_dir() -> Path:
