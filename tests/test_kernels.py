@@ -189,7 +189,9 @@ def quantized(lin: nn.Linear, mode: str) -> tuple[DecodeLinear, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_quantized_matches_dequantized_reference(path, mode, N, K, bias):
+def test_quantized_matches_dequantized_reference(path, mode, N, K, bias, monkeypatch):
+    # The integer kernels for every M, also where prompts would take the "dequant" path (tested below).
+    monkeypatch.setattr(linear_module, "native_dequant_min_m", lambda: None)
     lin = make_linear(N, K, bias, seed=1)
     layer, w_deq = quantized(lin, mode)
     b = None if lin.bias is None else lin.bias.detach().float()
@@ -203,7 +205,7 @@ def test_quantized_matches_dequantized_reference(path, mode, N, K, bias):
         # dequantized weight is rounded to bf16 (U of each |w x|). Both: one final bf16 rounding and fp32
         # summation noise.
         abs_wx = F.linear(x.float().abs(), w_deq.abs())  # (M, N): sum_k |w_nk x_mk|
-        assert layer.path(M, x) == path  # int8 / int4 take one path for every M on every CPU
+        assert layer.path(M, x) == path  # without "dequant", int8 / int4 take one path for every M
         if layer.path(M, x) == "native":
             step = x.float().abs().amax(1, keepdim=True) / 32767
             input_err = 0.5 * step * w_deq.abs().sum(1)
@@ -212,6 +214,39 @@ def test_quantized_matches_dequantized_reference(path, mode, N, K, bias):
         bound = input_err + U * ref.abs() + 1e-5 * abs_wx + 1e-4
         err = (y.float() - ref).abs()
         assert bool((err <= bound).all()), f"M={M}: worst excess {float((err - bound).max())}"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("N,K", [(1000, 2048), (37, 69), (6, 200)])
+def test_quantized_prompt_products_dequantize_to_bf16(path, mode, N, K, monkeypatch):
+    """Where oneDNN has native bf16, int8 / int4 products of >= 32 bf16 rows dequantize the weight with our ops
+    and multiply in torch: exactly the fallback's numbers (its PyTorch dequantization rounds q * scale to bf16
+    the same way), within its bound of the fp32 reference; fewer rows, and fp32 x, keep the integer kernels."""
+    monkeypatch.setattr(linear_module, "native_dequant_min_m", lambda: 32)
+    lin = make_linear(N, K, bias=True, seed=2)
+    layer, w_deq = quantized(lin, mode)
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    fallback = DecodeLinear.from_linear(lin, mode)
+    assert not fallback.native
+    for M in (31, 32, 67):
+        x = torch.randn(M, K).bfloat16()
+        want = "torch" if path == "torch" else "native" if M < 32 else "dequant"
+        assert layer.path(M, x) == want and layer.path(M, x.float()) == path
+        y = layer(x)
+        if want != "native":
+            assert torch.equal(y, fallback(x)), f"M={M}"
+        ref = F.linear(x.float(), w_deq, lin.bias.detach().float())
+        abs_wx = F.linear(x.float().abs(), w_deq.abs())
+        bound = U * abs_wx + U * ref.abs() + 1e-5 * abs_wx + 1e-4 + (
+            0.5 * x.float().abs().amax(1, keepdim=True) / 32767 * w_deq.abs().sum(1))
+        assert bool(((y.float() - ref).abs() <= bound).all()), f"M={M}"
+
+
+def test_dequant_threshold_follows_the_cpu_flags(monkeypatch):
+    base = frozenset({"avx2", "fma", "avx512f"})
+    for extra, want in (({"amx_bf16", "avx512_bf16"}, 32), ({"avx512_bf16"}, 32), (set(), None)):
+        monkeypatch.setattr(native_module, "cpu_flags", lambda extra=extra: base | extra)
+        assert native_module.native_dequant_min_m() == want
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -413,20 +448,24 @@ def test_prepare_picks_the_kernels_by_weights_and_availability(path):
     assert layers and all(m.mode == "int8" and m.native == (path == "native") for m in layers)
 
 
-@pytest.mark.parametrize("max_m", [16, 2])
-def test_int8_path_does_not_depend_on_the_cpu(path, monkeypatch, max_m):
+@pytest.mark.parametrize("max_m,dequant", [(16, 32), (2, 32), (None, None)])
+def test_path_by_rows_and_cpu(path, monkeypatch, max_m, dequant):
     """Where oneDNN has native bf16, bf16 products of more than 16 rows (AVX512-BF16) or 2 rows (AMX) go to
-    torch; int8 and int4 products stay on one path for every M, so a quantized model computes the same numbers on
-    every x86 CPU."""
+    torch and int8 / int4 products of 32 rows or more to "dequant"; so int8 / int4 decode (fewer than 32 rows)
+    computes the same numbers on every x86 CPU. Elsewhere (None) every M takes our kernels."""
     monkeypatch.setattr(linear_module, "native_bf16_max_m", lambda: max_m)
+    monkeypatch.setattr(linear_module, "native_dequant_min_m", lambda: dequant)
     bf16 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "bf16")
     int8 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "int8")
     int4 = DecodeLinear.from_linear(make_linear(8, 32, bias=False), "int4")
     x = torch.randn(40, 32).bfloat16()
-    ms = (1, max_m, max_m + 1, 40)
-    assert [bf16.path(m, x) for m in ms] == [path, path, "torch", "torch"]
-    assert [int8.path(m, x) for m in (1, 16, 17, 40, 1024)] == [path] * 5
-    assert [int4.path(m, x) for m in (1, 16, 17, 40, 1024)] == [path] * 5
+    if max_m is None:
+        assert [bf16.path(m, x) for m in (1, 16, 17, 40, 1024)] == [path] * 5
+    else:
+        assert [bf16.path(m, x) for m in (1, max_m, max_m + 1, 40)] == [path, path, "torch", "torch"]
+    prompt = "dequant" if path == "native" and dequant else path
+    for layer in (int8, int4):
+        assert [layer.path(m, x) for m in (1, 16, 31, 32, 1024)] == [path] * 3 + [prompt] * 2
 
 
 def test_bf16_crossover_follows_the_cpu_flags(monkeypatch):
@@ -445,15 +484,20 @@ def test_level_detection_and_override(monkeypatch):
     """The highest level whose flags the CPU has; CODEGEN2_KERNEL_LEVEL forces a lower one and refuses one the CPU
     lacks, naming the missing flags (checked against made-up flag sets, so it runs on any machine)."""
     avx2_only = frozenset({"avx2", "fma", "sse4_2"})
-    zen4 = avx2_only | LEVELS["avx512_vnni"][0] | {"avx512_bf16"}
+    zen5 = avx2_only | LEVELS["avx512_vnni"][0] | {"avx512_bf16", "avx_vnni"}
     monkeypatch.setattr(native_module, "cpu_supported", lambda: True)
     monkeypatch.delenv(kernels.LEVEL_VAR, raising=False)
-    monkeypatch.setattr(native_module, "cpu_flags", lambda: zen4)
-    assert native_module.supported_levels() == list(LEVELS) and native_module.kernel_level() == "avx512_vnni"
+    monkeypatch.setattr(native_module, "cpu_flags", lambda: zen5)
+    assert native_module.supported_levels() == list(LEVELS) and native_module.kernel_level() == "avx512_bf16"
     monkeypatch.setenv(kernels.LEVEL_VAR, "avx2")
     assert native_module.kernel_level() == "avx2"
-    monkeypatch.setattr(native_module, "cpu_flags", lambda: avx2_only)
     monkeypatch.delenv(kernels.LEVEL_VAR)
+    # AVX-VNNI without AVX-512 (e.g. Alder Lake) and AVX-512 without VNNI (Skylake-SP) each get their own level.
+    monkeypatch.setattr(native_module, "cpu_flags", lambda: avx2_only | {"avx_vnni"})
+    assert native_module.supported_levels() == ["avx2", "avx_vnni"] and native_module.kernel_level() == "avx_vnni"
+    monkeypatch.setattr(native_module, "cpu_flags", lambda: avx2_only | {"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+    assert native_module.supported_levels() == ["avx2", "avx512"] and native_module.kernel_level() == "avx512"
+    monkeypatch.setattr(native_module, "cpu_flags", lambda: avx2_only)
     assert native_module.supported_levels() == ["avx2"] and native_module.kernel_level() == "avx2"
     monkeypatch.setenv(kernels.LEVEL_VAR, "avx512_vnni")
     with pytest.raises(ValueError, match="lacks avx512_vnni, avx512bw, avx512dq, avx512f, avx512vl; it supports avx2"):

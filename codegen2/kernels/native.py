@@ -4,8 +4,9 @@ per CPU level, and the int8 / int4 weight layouts they read.
 Levels (``LEVELS``, lowest first): the one source is compiled once per level with that level's compiler flags,
 into its own op namespace (``torch.ops.codegen2_kernels_<level>``), on first use with ``torch.utils.cpp_extension``
 (needs a C++ compiler and ninja), cached under ``~/.cache/codegen2/kernels``. The level used is the highest one
-whose flags the CPU has (``/proc/cpuinfo``); ``CODEGEN2_KERNEL_LEVEL=<level>`` forces a lower one (a level the
-CPU lacks is refused with a ValueError naming the missing flags), so one machine can test every level it has.
+whose flags the CPU has (``/proc/cpuinfo``): avx2, avx_vnni, avx512, avx512_vnni, avx512_bf16;
+``CODEGEN2_KERNEL_LEVEL=<level>`` forces a lower one (a level the CPU lacks is refused with a ValueError naming the
+missing flags), so one machine can test every level it has.
 A failed build warns once and ``kernels_available()`` answers False, so callers fall back to PyTorch. Set
 ``CODEGEN2_KERNELS=torch`` to force that fallback (for comparisons and debugging).
 
@@ -31,14 +32,17 @@ ENV_VAR = "CODEGEN2_KERNELS"  # "torch" forces the pure-PyTorch path
 LEVEL_VAR = "CODEGEN2_KERNEL_LEVEL"  # forces a level (at most what the CPU has)
 _SOURCE = Path(__file__).parent / "csrc" / "decode_linear.cpp"
 _CFLAGS = ["-O3", "-fopenmp"]
-# level -> (the /proc/cpuinfo flags it needs, its compiler flags). Each level includes the ones before it. What a
-# level changes in the code is said at the top of decode_linear.cpp (VNNI: vpdpwssd in the int8 / int4 dots).
+# level -> (the /proc/cpuinfo flags it needs, its compiler flags). Every level needs AVX2 + FMA; the one used is
+# the last in this order whose flags the CPU has (avx_vnni is not part of the AVX-512 levels: CPUs with AVX-512
+# take those). What a level changes in the code is said at the top of decode_linear.cpp.
+_AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
+_AVX512_CFLAGS = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 LEVELS: dict[str, tuple[frozenset[str], list[str]]] = {
     "avx2": (frozenset({"avx2", "fma"}), ["-mavx2", "-mfma"]),
-    "avx512": (frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}),
-               ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]),
-    "avx512_vnni": (frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
-                    ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]),
+    "avx_vnni": (frozenset({"avx2", "fma", "avx_vnni"}), ["-mavx2", "-mfma", "-mavxvnni"]),
+    "avx512": (_AVX512, _AVX512_CFLAGS),
+    "avx512_vnni": (_AVX512 | {"avx512_vnni"}, [*_AVX512_CFLAGS, "-mavx512vnni"]),
+    "avx512_bf16": (_AVX512 | {"avx512_vnni", "avx512_bf16"}, [*_AVX512_CFLAGS, "-mavx512vnni", "-mavx512bf16"]),
 }
 PACK_ROWS, PACK_COLS = 4, 16  # the int8 layout of csrc/decode_linear.cpp
 INT4_CHUNK = 32  # int4: columns per packed chunk (two nibbles of 16 bytes per row)
@@ -98,8 +102,9 @@ def native_bf16_max_m() -> int | None:
     - AMX (amx_bf16): from 4 rows. Measured on an AMX Xeon (2 threads, quiet; ms ours / torch, 1B shapes):
       6144x2048 M=2 0.97/1.61, M=4 2.54/1.78, M=16 8.76/2.10; 8192x2048 M=2 2.45/3.19, M=4 3.12/2.68, M=16
       13.0/2.97; 2048x8192 M=2 2.18/2.85, M=4 3.90/3.23; M=3 is a tie. So up to 2 rows.
-    - AVX512-BF16 without AMX: 260-360 GFLOP/s for 64-row products was measured through torch on a Zen 4, against
-      ~90 for ours; up to 16 rows.
+    - AVX512-BF16 without AMX: up to 16 rows. Our vdpbf16ps kernel (level avx512_bf16) against oneDNN on Zen 5
+      (2 threads, 8192x2048, GB/s, interleaved): M=1 33-44 / 15-22, M=4 27-31 / 19-28, M=16 17-20 / 15-19;
+      for 64-row products oneDNN reached 260-360 GFLOP/s on a Zen 4 against ~90 for our GEMM.
     - Neither (AVX2 CPUs): torch's bf16 F.linear runs at ~5 GMAC/s, so always ours.
     """
     flags = cpu_flags()
@@ -108,6 +113,18 @@ def native_bf16_max_m() -> int | None:
     if "avx512_bf16" in flags:
         return 16
     return None
+
+
+def native_dequant_min_m() -> int | None:
+    """From how many rows an int8 / int4 product dequantizes its weight to bf16 (a few MiB of rows at a time, our
+    dequant ops) and calls torch's F.linear; None: never, every M takes our integer / fp32 kernels.
+
+    Only where oneDNN has native bf16 (AVX512-BF16 or AMX). Measured on Zen 5 (AVX512-BF16, 2 threads, 6144x2048,
+    ms ours / dequantize + oneDNN): int8 M=16 1.58/2.25, M=32 2.90/2.82, M=64 5.39/3.62, M=256 21.2/8.8; int4
+    M=16 2.46/2.96, M=32 4.92/3.38, M=256 31.5/9.2. So from 32 rows: prompts (prefill chunks) take this path,
+    16 concurrent decodes do not.
+    """
+    return 32 if native_bf16_max_m() is not None else None
 
 
 def _build_dir() -> Path:
@@ -186,7 +203,12 @@ def _self_test(level: str) -> bool:
     s4 = torch.rand(5, 2, generator=g).bfloat16()
     ref4 = F.linear(x.float(), q4.float() * s4.float().repeat_interleave(32, dim=1)[:, :40])
     y4 = lib.linear_int4(x, *pack_int4(q4, s4, 32), None, 5).float()
-    return all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in ((y, ref), (y8, ref8), (y4, ref4)))
+    close = all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in ((y, ref), (y8, ref8), (y4, ref4)))
+    d8 = lib.dequant_int8(pack_int8(q), s, 0, 2, 5, 40)  # blocks 0..1 hold rows 0..4
+    d4 = lib.dequant_int4(*pack_int4(q4, s4, 32), 1, 2, 5, 40)  # block 1 holds row 4
+    exact = torch.equal(d8, (q.float() * s[:, None]).bfloat16()) and torch.equal(
+        d4, (q4[4:].float() * s4[4:].float().repeat_interleave(32, dim=1)[:, :40]).bfloat16())
+    return close and exact
 
 
 def _register_fake(level: str) -> None:
@@ -204,6 +226,11 @@ def _register_fake(level: str) -> None:
     @torch.library.register_fake(f"{ns}::linear_int4")
     def _(x, w, scale, bias, N):
         return x.new_empty(x.shape[0], N)
+
+    for op in ("dequant_int8", "dequant_int4"):
+        @torch.library.register_fake(f"{ns}::{op}")
+        def _(w, scale, b0, b1, N, K):
+            return w.new_empty(max(0, min(N, 4 * b1) - 4 * b0), K, dtype=torch.bfloat16)
 
 
 @functools.cache
