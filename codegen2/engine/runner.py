@@ -23,10 +23,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token per slot -> fp32 logits (B, V)."""
-        x = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
-        pos = torch.tensor(positions, device=self.device)[:, None]  # (B, 1)
-        return self.model(x, pos, self.cache.rows(slots), last_only=True)[:, -1]
+        """One token per slot -> fp32 logits (B, V), row b for slots[b]."""
+        # The pass runs in slot order: consecutive slots are read as a view of the cache, any other order is
+        # gathered per layer (with 16 sequences, 32-token prompts: ~50 of ~290 ms per step on Zen 5).
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        x = torch.tensor([tokens[i] for i in order], device=self.device)[:, None]  # (B, 1)
+        pos = torch.tensor([positions[i] for i in order], device=self.device)[:, None]  # (B, 1)
+        logits = self.model(x, pos, self.cache.rows([slots[i] for i in order]), last_only=True)[:, -1]
+        return logits if order == sorted(order) else logits[_inverse(order)]
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
@@ -40,12 +44,21 @@ class ModelRunner:
         """Row b's tokens at positions starts[b].. in slot b, rows padded to the longest -> fp32 logits
         (B, T, V) of every position (a padded position's are garbage: position -1 writes the scratch column)."""
         T = max(map(len, rows))
+        order = sorted(range(len(slots)), key=slots.__getitem__)  # slot order, as in decode
         x = torch.zeros(len(rows), T, dtype=torch.long)
         pos = torch.full((len(rows), T), -1, dtype=torch.long)
-        for b, (row, start) in enumerate(zip(rows, starts)):
-            x[b, :len(row)] = torch.tensor(row)
-            pos[b, :len(row)] = torch.arange(start, start + len(row))
-        return self.model(x.to(self.device), pos.to(self.device), self.cache.rows(slots))
+        for b, i in enumerate(order):
+            x[b, :len(rows[i])] = torch.tensor(rows[i])
+            pos[b, :len(rows[i])] = torch.arange(starts[i], starts[i] + len(rows[i]))
+        logits = self.model(x.to(self.device), pos.to(self.device), self.cache.rows([slots[i] for i in order]))
+        return logits if order == sorted(order) else logits[_inverse(order)]
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_prefix(src, dst, length)
+
+
+def _inverse(order: list[int]) -> torch.Tensor:
+    """The permutation that undoes ``order``: rows taken in ``order`` come back to their places."""
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(len(order))
+    return inv
