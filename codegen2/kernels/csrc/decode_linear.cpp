@@ -156,82 +156,73 @@ void pack_x_bf16(const T* x, int64_t M, int64_t K, int64_t Kp, float* xf) {
   }
 }
 
-// out[m * kRows + r] = dot(row r of w, token m) for MB tokens and R rows; w points at the first row.
+// The vector width of the bf16 FMA kernel: one chunk of kBf16Chunk weights is one load, split into its even
+// and odd halves (512-bit on the avx512 levels, else 256-bit).
+struct Bf16Vec {
 #ifdef CG2_ZMM
+  using F = __m512;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void split(const uint16_t* p, F& even, F& odd) {
+    const __m512i v = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static float sum(F a) { return _mm512_reduce_add_ps(a); }
+#else
+  using F = __m256;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void split(const uint16_t* p, F& even, F& odd) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static float sum(F a) { return hsum(a); }
+#endif
+};
+
+// out[m * kRows + r] = dot(row r of w, token m) for MB tokens and R rows; w points at the first row.
 template <int MB, int R>
 inline void bf16_tile(const uint16_t* w, int64_t K, const float* xf, int64_t Kp, float* out) {
+  using V = Bf16Vec;
   constexpr int S = MB == 1 ? 2 : 1;  // one token: separate even/odd sums for 8 independent FMA chains
-  __m512 acc[MB][R][S];
+  constexpr int half = kBf16Chunk / 2;
+  V::F acc[MB][R][S];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
-      for (int s = 0; s < S; ++s) acc[m][r][s] = _mm512_setzero_ps();
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+      for (int s = 0; s < S; ++s) acc[m][r][s] = V::zero();
   const int64_t nc = K / kBf16Chunk;
   for (int64_t c = 0; c < nc; ++c) {
-    __m512 xe[MB], xo[MB];
+    V::F xe[MB], xo[MB];
     for (int m = 0; m < MB; ++m) {
-      xe[m] = _mm512_loadu_ps(xf + m * Kp + c * kBf16Chunk);
-      xo[m] = _mm512_loadu_ps(xf + m * Kp + c * kBf16Chunk + 16);
+      xe[m] = V::load(xf + m * Kp + c * kBf16Chunk);
+      xo[m] = V::load(xf + m * Kp + c * kBf16Chunk + half);
     }
     for (int r = 0; r < R; ++r) {
-      const __m512i v = _mm512_loadu_si512(w + r * K + c * kBf16Chunk);
-      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+      V::F we, wo;
+      V::split(w + r * K + c * kBf16Chunk, we, wo);
       for (int m = 0; m < MB; ++m) {
-        acc[m][r][0] = _mm512_fmadd_ps(we, xe[m], acc[m][r][0]);
-        acc[m][r][S - 1] = _mm512_fmadd_ps(wo, xo[m], acc[m][r][S - 1]);
+        acc[m][r][0] = V::fma(we, xe[m], acc[m][r][0]);
+        acc[m][r][S - 1] = V::fma(wo, xo[m], acc[m][r][S - 1]);
       }
     }
   }
   for (int m = 0; m < MB; ++m) {
     for (int r = 0; r < R; ++r) {
-      __m512 a = acc[m][r][0];
-      if (S == 2) a = _mm512_add_ps(a, acc[m][r][S - 1]);
-      float sum = _mm512_reduce_add_ps(a);
+      V::F a = acc[m][r][0];
+      if (S == 2) a = V::add(a, acc[m][r][S - 1]);
+      float sum = V::sum(a);
       for (int j = 0; j < K - nc * kBf16Chunk; ++j)
         sum += bf16_to_float(w[r * K + nc * kBf16Chunk + j]) * xf[m * Kp + nc * kBf16Chunk + eo_pos(j)];
       out[m * kRows + r] = sum;
     }
   }
 }
-#else
-template <int MB, int R>
-inline void bf16_tile(const uint16_t* w, int64_t K, const float* xf, int64_t Kp, float* out) {
-  constexpr int S = MB == 1 ? 2 : 1;  // one token: separate even/odd sums for 8 independent FMA chains
-  __m256 acc[MB][R][S];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r)
-      for (int s = 0; s < S; ++s) acc[m][r][s] = _mm256_setzero_ps();
-  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const int64_t nc = K / kChunk;
-  for (int64_t c = 0; c < nc; ++c) {
-    __m256 xe[MB], xo[MB];
-    for (int m = 0; m < MB; ++m) {
-      xe[m] = _mm256_loadu_ps(xf + m * Kp + c * kChunk);
-      xo[m] = _mm256_loadu_ps(xf + m * Kp + c * kChunk + 8);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + c * kChunk));
-      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
-      for (int m = 0; m < MB; ++m) {
-        acc[m][r][0] = _mm256_fmadd_ps(we, xe[m], acc[m][r][0]);
-        acc[m][r][S - 1] = _mm256_fmadd_ps(wo, xo[m], acc[m][r][S - 1]);
-      }
-    }
-  }
-  for (int m = 0; m < MB; ++m) {
-    for (int r = 0; r < R; ++r) {
-      __m256 a = acc[m][r][0];
-      if (S == 2) a = _mm256_add_ps(a, acc[m][r][S - 1]);
-      float sum = hsum(a);
-      for (int j = 0; j < K - nc * kChunk; ++j)
-        sum += bf16_to_float(w[r * K + nc * kChunk + j]) * xf[m * Kp + nc * kChunk + eo_pos(j)];
-      out[m * kRows + r] = sum;
-    }
-  }
-}
-#endif
 
 #if defined(__AVX512BF16__) && defined(CG2_ZMM)
 #define CG2_DPBF16 1
