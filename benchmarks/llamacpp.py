@@ -17,6 +17,7 @@ What it does:
    same way) and llama.cpp f16 / q8_0 / q4_0:
    - batch-1 greedy decode tokens/s after a 16-token prompt (64 tokens, the first one not counted), also as % of
      the read-bandwidth bound for that weight format (bytes of weights read per token / torch's read bandwidth);
+     and after a 1,024-token prompt, where attention reads the cached context every token;
    - time to first token for a 1,024-token prompt;
    - 16 concurrent requests of 128 tokens: codegen2 batches them; transformers and llama.cpp (whose Python API
      holds one sequence) run them one after another, 2 of the 16 timed and scaled to 16.
@@ -125,10 +126,12 @@ def run_llama_cpp(path: str, threads: int, decode_tokens: int, concurrent_runs: 
 
     gen(generate.prompts(1, 16, 9)[0], 4)  # warm-up
     _, rest = gen(generate.prompts(1, 16, 1)[0], decode_tokens)
+    _, rest_long = gen(generate.prompts(1, generate.PROMPT_LEN, 5)[0], decode_tokens)
     ttft, _ = gen(generate.prompts(1, generate.PROMPT_LEN, 2)[0], 1)
     batch = generate.prompts(generate.CONCURRENT, 32, 4)[:concurrent_runs]
     elapsed = sum(sum(gen(p, generate.NEW_TOKENS)) for p in batch) * generate.CONCURRENT / concurrent_runs
-    return {"decode_tps": (decode_tokens - 1) / rest, "ttft_s": ttft,
+    return {"decode_tps": (decode_tokens - 1) / rest, "decode_long_tps": (decode_tokens - 1) / rest_long,
+            "ttft_s": ttft,
             "concurrent_tps": generate.CONCURRENT * generate.NEW_TOKENS / elapsed, "peak_rss": generate.peak_rss()}
 
 
@@ -182,7 +185,8 @@ def main() -> None:
     seq_ref = results.get("transformers bf16", {}).get("concurrent_tps")
     print(f"\nLLaMA {args.shape} shape, random weights, {threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"{n_weights / 1e9:.2f} G weights read per token")
-    print(f"{'':20}{'decode tok/s':>13}{'% bound':>9}{'x llama.cpp':>12}{'TTFT 1k s':>11}{'x best ref':>11}"
+    print(f"{'':20}{'decode tok/s':>13}{'% bound':>9}{'x llama.cpp':>12}{'@1k tok/s':>10}{'x llama.cpp':>12}"
+          f"{'TTFT 1k s':>11}{'x best ref':>11}"
           f"{'16-conc tok/s':>15}{'x tf seq':>9}{'peak GiB':>10}")
     for name, r in results.items():
         fmt = name.split()[-1]
@@ -190,9 +194,11 @@ def main() -> None:
         r["pct_bound"] = 100 * r["decode_tps"] / r["bound_tps"]
         ref = results.get(pairs.get(name, ""))
         vs = f"{r['decode_tps'] / ref['decode_tps']:12.2f}" if ref else f"{'':12}"
+        vs_long = f"{r['decode_long_tps'] / ref['decode_long_tps']:12.2f}" if ref else f"{'':12}"
         best = min(ttft_refs) / r["ttft_s"] if ttft_refs and name.startswith("codegen2") else None
         conc = r["concurrent_tps"] / seq_ref if seq_ref else None
-        print(f"{name:20}{r['decode_tps']:13.2f}{r['pct_bound']:8.0f}%{vs}{r['ttft_s']:11.2f}"
+        print(f"{name:20}{r['decode_tps']:13.2f}{r['pct_bound']:8.0f}%{vs}{r['decode_long_tps']:10.2f}{vs_long}"
+              f"{r['ttft_s']:11.2f}"
               f"{f'{best:11.2f}' if best else f'{chr(32) * 11}'}{r['concurrent_tps']:15.2f}"
               f"{f'{conc:9.2f}' if conc else f'{chr(32) * 9}'}{r['peak_rss'] / 2**30:10.2f}")
     print(json.dumps({"bench": "llamacpp", "shape": args.shape, "threads": threads, "read_bandwidth": bandwidth,

@@ -328,6 +328,142 @@ def test_prefill_gemm_is_exact_on_dyadic_inputs(path, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Attention of decode-sized passes (kernels/attention.py, csrc/decode_attention.cpp)
+
+
+def cache_views(B: int, G: int, S: int, D: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (B, G, S, D) bf16 read as the engine reads them: views of a larger (B + 1, G, 2 S + 3, D) cache."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, B + 1, G, 2 * S + 3, D, generator=g).bfloat16()
+    return cache[0, 1:, :, :S], cache[1, 1:, :, :S]
+
+
+@pytest.mark.parametrize("B,G,Q,S,D", [(1, 16, 1, 40, 128), (2, 3, 5, 37, 12), (3, 2, 8, 600, 256), (2, 2, 3, 45, 72),
+                                       (1, 1, 1, 1, 8)])
+def test_attention_products_match_exact_sums(path, B, G, Q, S, D):
+    """Each score and each mixed value is an fp32 sum of D (or S) exact products: within D * 2^-24 of the sum of
+    the products' magnitudes (the standard bound for recursive summation, with room for the blocked order), plus
+    one rounding of the scaling. Strided cache views, D not a multiple of 8, S not of 4 or 256 (600: three key
+    blocks, whose partial sums mix adds up), odd and even query counts (pairs and a single one)."""
+    if path == "torch":
+        pytest.skip("the attention products exist only as native kernels")
+    ops = native_module.ops(native_module.kernel_level())
+    k, v = cache_views(B, G, S, D, seed=S)
+    q = torch.randn(B, G, Q, D)
+    p = torch.rand(B, G, Q, S).bfloat16().float()  # probabilities as the reference rounds them
+    p[..., ::3] = 0  # masked keys: skipped by the kernel, which must not change the sum
+    scores = ops.attn_scores(q, k, 0.125)
+    exact = 0.125 * q.double() @ k.double().transpose(-1, -2)
+    bound = 0.125 * D * 2.0**-24 * (q.double().abs() @ k.double().abs().transpose(-1, -2)) + 2.0**-24 * exact.abs()
+    assert scores.shape == (B, G, Q, S) and scores.dtype == torch.float32
+    assert bool(((scores.double() - exact).abs() <= bound).all())
+    mixed = ops.attn_mix(p, v)
+    exact = p.double() @ v.double()
+    bound = S * 2.0**-24 * (p.double() @ v.double().abs())
+    assert mixed.shape == (B, G, Q, D) and mixed.dtype == torch.float32
+    assert bool(((mixed.double() - exact).abs() <= bound).all())
+
+
+def test_attention_products_reject_bad_inputs(path):
+    if path == "torch":
+        pytest.skip("the attention products exist only as native kernels")
+    ops = native_module.ops(native_module.kernel_level())
+    k, _ = cache_views(1, 2, 8, 16, seed=0)
+    with pytest.raises(RuntimeError, match="q must be a contiguous fp32"):
+        ops.attn_scores(torch.randn(1, 2, 1, 16).bfloat16(), k, 1.0)
+    with pytest.raises(RuntimeError, match="k must be a bf16 CPU tensor"):
+        ops.attn_scores(torch.randn(1, 2, 1, 16), k.float(), 1.0)
+    with pytest.raises(RuntimeError, match="matching q"):
+        ops.attn_scores(torch.randn(1, 2, 1, 8), k, 1.0)
+    with pytest.raises(RuntimeError, match="unit stride in D"):
+        ops.attn_mix(torch.rand(1, 2, 1, 16), k.transpose(2, 3))
+    with pytest.raises(RuntimeError, match="p must be a contiguous fp32"):
+        ops.attn_mix(torch.rand(1, 2, 1, 8).bfloat16(), k)
+
+
+def exact_attention(q, k, v, allowed, scale):
+    """fp64 attention with grouped K/V heads: the value both paths approximate."""
+    H, G = q.shape[1], k.shape[1]
+    k, v = k.double().repeat_interleave(H // G, dim=1), v.double().repeat_interleave(H // G, dim=1)
+    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("family", ["codegen2", "llama"])
+@pytest.mark.parametrize("T", [1, 3, 4, 5])
+def test_native_attention_matches_the_reference(path, family, T):
+    """NativeAttention against the family's own module on decode- and verify-sized passes over a cache view.
+    Both round the probabilities to bf16 (each off by <= U of itself) and the output once (U), so against exact
+    attention |err| <= U * max|v| + U * |exact| (+ fp32 sums); the native path must meet that bound, and for
+    CodeGen2 (the same math in another summation order) agree with the reference to within two such roundings.
+    Past MAX_QUERIES queries per head, and for an fp32 cache, the reference itself runs."""
+    from codegen2.kernels.attention import MAX_QUERIES, NativeAttention
+    from codegen2.models.attention import Fp32Attention, SdpaAttention
+
+    if path == "torch":
+        pytest.skip("NativeAttention is only used with the native kernels")
+    B, H, G, S, D = 3, 8, (8 if family == "codegen2" else 2), 70, 64
+    ref_mod = Fp32Attention(D**0.5) if family == "codegen2" else SdpaAttention(D**-0.5)
+    mod = NativeAttention(ref_mod, native_module.ops(native_module.kernel_level()))
+    k, v = cache_views(B, G, S, D, seed=T)
+    q = torch.randn(B, H, T, D)
+    q = q if family == "codegen2" else q.bfloat16()  # CodeGen2's rotary output is fp32, LLaMA's bf16
+    pos = torch.tensor([[S - T + t for t in range(T)], [20 + t for t in range(T)], [-1] + [30] * (T - 1)])
+    allowed = torch.arange(S)[None, None, None, :] <= pos[:, None, :, None]  # row 2 starts with a padding query
+    out, ref = mod(q, k, v, allowed), ref_mod(q, k, v, allowed)
+    assert mod.uses_kernels(q, k, v) == (T <= MAX_QUERIES)
+    assert out.shape == (B, H, T, D) and out.dtype == torch.bfloat16 and bool(out.isfinite().all())
+    if T > MAX_QUERIES:
+        assert torch.equal(out, ref)
+        return
+    seen = pos >= 0  # the padding query's output is never used
+    exact = exact_attention(q, k, v, allowed, D**-0.5).transpose(1, 2)[seen]  # (n, H, D)
+    vmax = float(v.abs().max())
+    err = (out.transpose(1, 2)[seen].double() - exact).abs()
+    assert bool((err <= 1.05 * U * vmax + 1.05 * U * exact.abs() + 1e-6).all()), float(err.max())
+    if family == "codegen2":
+        diff = (out.float() - ref.float()).transpose(1, 2)[seen].abs()
+        assert bool((diff <= 2.1 * U * vmax).all()), float(diff.max())
+    fp32 = mod(q.float(), k.float(), v.float(), allowed)
+    assert torch.equal(fp32, ref_mod(q.float(), k.float(), v.float(), allowed))
+
+
+def test_prepare_wraps_attention_only_with_the_kernels(path):
+    from codegen2.kernels.attention import NativeAttention
+    from codegen2.models.attention import Fp32Attention, SdpaAttention
+
+    for model, ref_type in ((tiny_codegen2(), Fp32Attention), (tiny_llama(), SdpaAttention)):
+        n = len(model.layers)
+        prepare_for_inference(model, "int8")
+        wrapped = [m for m in model.modules() if isinstance(m, NativeAttention)]
+        assert len(wrapped) == (n if path == "native" else 0)
+        assert all(type(m.reference) is ref_type for m in wrapped)
+        assert all(type(layer.attention.attend) is (NativeAttention if path == "native" else ref_type)
+                   for layer in model.layers)
+
+
+@pytest.mark.parametrize("family", ["codegen2", "llama"])
+def test_prepared_model_decodes_like_the_reference(path, family):
+    """A bf16 model decoding token by token over a KV cache, prepared (native linears and attention) against the
+    same model unprepared: logits within bf16 rounding noise, the same greedy tokens."""
+    from codegen2.models.kv_cache import KVCache
+
+    model = tiny_codegen2() if family == "codegen2" else tiny_llama()
+    ref = tiny_codegen2() if family == "codegen2" else tiny_llama()
+    prepare_for_inference(model, None)
+    cfg = model.config
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))
+    outs = []
+    for m in (ref, model):
+        cache = KVCache(cfg.n_layers, 2, cfg.n_kv_heads, 64, cfg.head_dim, torch.bfloat16)
+        with torch.inference_mode():
+            m(tokens[:, :30], torch.arange(30).expand(2, 30), cache)
+            outs.append(torch.cat([m(tokens[:, t:t + 1], torch.full((2, 1), t), cache) for t in range(30, 40)], 1))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0.02, atol=0.02)
+    assert torch.equal(outs[1].argmax(-1), outs[0].argmax(-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Whole models
 
 
@@ -340,6 +476,16 @@ def tiny_codegen2() -> CodeGen2:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.08)
+    return model.to(torch.bfloat16).eval()
+
+
+def tiny_llama() -> Llama:
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, intermediate_size=176, vocab_size=512,
+                              max_seq_len=256))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.08)
     return model.to(torch.bfloat16).eval()
 
 
@@ -548,7 +694,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
 import warnings, torch
 from pathlib import Path
 from codegen2.kernels import native, DecodeLinear
-native._SOURCE = Path({str(bad)!r})
+native._SOURCES = [Path({str(bad)!r})]
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     ok = [native.kernels_available() for _ in range(3)]

@@ -11,7 +11,8 @@ format and which of its layers run on native kernels.
 server: ``None`` (or ``"none"``) keeps the weights as loaded, ``"int8"`` / ``"int4"`` quantize them to weight-only
 int8 (per row) or int4 (per group of 32 columns; see linear.py).
 With weights as loaded, a bf16 model on a CPU whose native kernels build gets them (same math, faster); anything
-else stays plain PyTorch. ``CODEGEN2_KERNELS=torch`` turns the native kernels off; ``CODEGEN2_KERNEL_LEVEL``
+else stays plain PyTorch. Where the kernels build, attention passes of a few queries per head over a bf16 cache
+(decode) take them too, whatever the weight format (attention.py). ``CODEGEN2_KERNELS=torch`` turns the native kernels off; ``CODEGEN2_KERNEL_LEVEL``
 forces a lower CPU level than the one detected (native.py).
 
 The model files never import this package; ``Engine`` never changes the model it is given.
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from codegen2.kernels.attention import NativeAttention, swap_attention
 from codegen2.kernels.linear import (
     DecodeLinear,
     quantize_int4,
@@ -37,6 +39,7 @@ from codegen2.kernels.native import (
     LEVELS,
     kernel_level,
     kernels_available,
+    ops,
     pack_int4,
     pack_int8,
     supported_levels,
@@ -73,6 +76,9 @@ def prepare_for_inference(model: nn.Module, quant: str | None = None) -> nn.Modu
         raise ValueError(f"this model's layers are already {', '.join(sorted(done))}, not {quant}")
     model._prepared_for_inference = True
     weight = model.tok_embeddings.weight
+    if weight.device.type == "cpu" and kernels_available():
+        # Decode-sized attention passes over a bf16 cache; the rest stays on the model's own module.
+        swap_attention(model, ops(kernel_level()))
     if quant in ("int8", "int4"):
         return swap_linears(model, quant)
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels_available():
@@ -86,6 +92,7 @@ __all__ = [
     "LEVEL_VAR",
     "QUANTS",
     "DecodeLinear",
+    "NativeAttention",
     "kernel_level",
     "kernels_available",
     "pack_int4",

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "CODEGEN2_KERNELS"  # "torch" forces the pure-PyTorch path
 LEVEL_VAR = "CODEGEN2_KERNEL_LEVEL"  # forces a level (at most what the CPU has)
-_SOURCE = Path(__file__).parent / "csrc" / "decode_linear.cpp"
+# One library per level from both sources: the linear layers and the attention products (a fragment of the same
+# op namespace).
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_linear.cpp", "decode_attention.cpp")]
 _CFLAGS = ["-O3", "-fopenmp"]
 # level -> (the /proc/cpuinfo flags it needs, its compiler flags). Every level needs AVX2 + FMA; the one used is
 # the last in this order whose flags the CPU has (avx_vnni is not part of the AVX-512 levels: CPUs with AVX-512
@@ -208,6 +210,13 @@ def _self_test(level: str) -> bool:
     d4 = lib.dequant_int4(*pack_int4(q4, s4, 32), 1, 2, 5, 40)  # block 1 holds row 4
     exact = torch.equal(d8, (q.float() * s[:, None]).bfloat16()) and torch.equal(
         d4, (q4[4:].float() * s4[4:].float().repeat_interleave(32, dim=1)[:, :40]).bfloat16())
+    qa = torch.randn(1, 2, 3, 12, generator=g)  # (B, G, Q, D): D not a multiple of 8, S not of 4
+    ka = torch.randn(1, 2, 7, 12, generator=g).bfloat16()
+    pa = torch.rand(1, 2, 3, 7, generator=g)
+    scores = lib.attn_scores(qa, ka, 0.5)
+    mix = lib.attn_mix(pa, ka)
+    close = close and torch.allclose(scores, 0.5 * qa @ ka.float().transpose(-1, -2), rtol=1e-5, atol=1e-5) and \
+        torch.allclose(mix, pa @ ka.float(), rtol=1e-5, atol=1e-5)
     return close and exact
 
 
@@ -227,6 +236,14 @@ def _register_fake(level: str) -> None:
     def _(x, w, scale, bias, N):
         return x.new_empty(x.shape[0], N)
 
+    @torch.library.register_fake(f"{ns}::attn_scores")
+    def _(q, k, scale):
+        return q.new_empty(*q.shape[:3], k.shape[2])
+
+    @torch.library.register_fake(f"{ns}::attn_mix")
+    def _(p, v):
+        return p.new_empty(*p.shape[:3], v.shape[3], dtype=torch.float32)
+
     for op in ("dequant_int8", "dequant_int4"):
         @torch.library.register_fake(f"{ns}::{op}")
         def _(w, scale, b0, b1, N, K):
@@ -245,7 +262,7 @@ def load_level(level: str) -> bool:
             build_dir.mkdir(parents=True, exist_ok=True)
             _clear_stale_lock(build_dir)
             t0 = time.perf_counter()
-            cpp_extension.load(name=f"codegen2_kernels_{level}", sources=[str(_SOURCE)],
+            cpp_extension.load(name=f"codegen2_kernels_{level}", sources=[str(p) for p in _SOURCES],
                                extra_cflags=_CFLAGS + LEVELS[level][1] + [f"-DCG2_OPS=codegen2_kernels_{level}"],
                                extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
                                verbose=False)

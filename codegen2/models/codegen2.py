@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegen2.models.attention import Fp32Attention
 from codegen2.models.kv_cache import CacheRows, KVCache, LayerCache, attention_mask
 from codegen2.models.loss import linear_cross_entropy
 
@@ -106,6 +107,7 @@ class Attention(nn.Module):
         # from_pretrained(torch_dtype=half) rounds it to 11.3125 instead of 11.3137; a model loaded in fp32 and
         # then cast keeps this value, which is the one used here.)
         self.scale = math.sqrt(cfg.head_dim)
+        self.attend = Fp32Attention(self.scale)  # the masked (inference) path: the reference's fp32 attention
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerCache | None) -> torch.Tensor:
@@ -124,13 +126,7 @@ class Attention(nn.Module):
             return self.wo(out.transpose(1, 2).reshape(B, T, E))
         if cache is not None:
             k, v = cache.update(k, v)  # (B, H, S, D)
-        scores = torch.matmul(q, k.float().transpose(-1, -2)) / self.scale  # (B, H, T, S) fp32
-        scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        # probs are rounded to v's dtype as in the reference; the product runs in fp32 and is rounded once,
-        # which is what a half-precision matmul computes too, but torch's CPU bf16 batched matmul is a slow
-        # element-by-element loop.
-        out = torch.matmul(probs.float(), v.float()).to(v.dtype)  # (B, H, T, D)
+        out = self.attend(q, k, v, mask)  # (B, H, T, D) in v's dtype
         return self.wo(out.transpose(1, 2).reshape(B, T, E))
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegen2.models.attention import SdpaAttention
 from codegen2.models.kv_cache import CacheRows, KVCache, LayerCache, attention_mask
 from codegen2.models.loss import linear_cross_entropy
 
@@ -96,10 +97,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attend = SdpaAttention(cfg.head_dim ** -0.5)  # the masked (inference) path
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerCache | None) -> torch.Tensor:
-        """x (B, T, dim); sin, cos (B, 1, T, D) or (T, D); mask (B, 1, T, S) additive, or None for plain causal
+        """x (B, T, dim); sin, cos (B, 1, T, D) or (T, D); mask (B, 1, T, S) bool, or None for plain causal
         attention over this call's tokens (training); cache: this layer's K/V, or None."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -110,9 +112,12 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, S, D)
-        if Hkv != H:  # grouped-query attention: kv head j serves query heads j*rep .. (j+1)*rep - 1
-            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        if mask is not None:
+            out = self.attend(q, k, v, mask)  # (B, H, T, D)
+        else:  # training: plain causal attention over this call's tokens, fused kernel
+            if Hkv != H:  # grouped-query attention: kv head j serves query heads j*rep .. (j+1)*rep - 1
+                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -188,12 +193,9 @@ class Llama(nn.Module):
                 input_pos = torch.arange(T, device=tokens.device).expand(B, T)
             if int(input_pos.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(input_pos.max())} is past the model's {self.config.max_seq_len}")
-            allowed, kv_len = attention_mask(input_pos, cache)
+            mask, kv_len = attention_mask(input_pos, cache)
             if cache is not None:
                 caches = (cache.rows() if isinstance(cache, KVCache) else cache).layers(input_pos, kv_len)
-            # Additive mask with a finite minimum: fully masked padding rows stay finite instead of NaN.
-            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-            mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
             rope_pos = input_pos.clamp(min=0)
             sin = self.rope_sin[rope_pos][:, None].to(x.dtype)  # (B, 1, T, D)
             cos = self.rope_cos[rope_pos][:, None].to(x.dtype)
