@@ -186,6 +186,18 @@ struct Bf16Vec {
 #endif
 };
 
+// Prefetch into L2 the bytes at p of the next block's row (R rows further on) while this block streams: a bf16
+// row of a 2048-wide layer is 4 KiB, one page, and the hardware prefetchers start over at every page, so without
+// this each block's rows start cold. Measured on Zen 4 (M = 1, 2 threads, GB/s, same process): 6144x2048 25.1 ->
+// 31.9, 2048x2048 25.2 -> 30.4, 51200x2048 22.1 -> 28.7; into L1 (T0) it gained less or lost. One per 64-byte
+// line. Past the last row it names memory that may not be ours, which a prefetch may: it cannot fault.
+template <int R>
+inline void prefetch_next_rows(const uint16_t* p, int64_t K, int64_t c) {
+  if (R != kRows || (kBf16Chunk * 2 < 64 && (c & 1))) return;
+  for (int r = 0; r < R; ++r)
+    _mm_prefetch(reinterpret_cast<const char*>(p + (R + r) * K + c * kBf16Chunk), _MM_HINT_T1);
+}
+
 // out[m * kRows + r] = dot(row r of w, token m) for MB tokens and R rows; w points at the first row.
 template <int MB, int R>
 inline void bf16_tile(const uint16_t* w, int64_t K, const float* xf, int64_t Kp, float* out) {
@@ -198,6 +210,7 @@ inline void bf16_tile(const uint16_t* w, int64_t K, const float* xf, int64_t Kp,
       for (int s = 0; s < S; ++s) acc[m][r][s] = V::zero();
   const int64_t nc = K / kBf16Chunk;
   for (int64_t c = 0; c < nc; ++c) {
+    prefetch_next_rows<R>(w, K, c);
     V::F xe[MB], xo[MB];
     for (int m = 0; m < MB; ++m) {
       xe[m] = V::load(xf + m * Kp + c * kBf16Chunk);
@@ -239,6 +252,7 @@ inline void bf16_tile_dp(const uint16_t* w, int64_t K, const uint16_t* x, float*
   const int64_t nc = K / kBf16Chunk;
   // The sum index must be a compile-time constant: a runtime one (c & 1) keeps acc on the stack.
   auto step = [&](int64_t c, auto s) {
+    prefetch_next_rows<R>(w, K, c);
     __m512bh xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + c * kBf16Chunk);
     for (int r = 0; r < R; ++r) {
