@@ -12,8 +12,8 @@ server: ``None`` (or ``"none"``) keeps the weights as loaded, ``"int8"`` / ``"in
 int8 (per row) or int4 (per group of 32 columns; see linear.py).
 With weights as loaded, a bf16 model on a CPU whose native kernels build gets them (same math, faster); anything
 else stays plain PyTorch. Where the kernels build, attention passes of a few queries per head over a bf16 cache
-(decode) take them too, whatever the weight format (attention.py). ``CODEGEN2_KERNELS=torch`` turns the native kernels off; ``CODEGEN2_KERNEL_LEVEL``
-forces a lower CPU level than the one detected (native.py).
+(decode) take them too, whatever the weight format (attention.py). ``CODEGEN2_KERNELS=torch`` turns the native
+kernels off; ``CODEGEN2_KERNEL_LEVEL`` forces a lower CPU level than the one detected (native.py).
 
 The model files never import this package; ``Engine`` never changes the model it is given.
 """

@@ -34,25 +34,13 @@
 
 #include <immintrin.h>
 
+#include "simd_common.h"
+
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
-
-// Eight bf16 at p as fp32 (bf16 -> fp32 is a 16-bit shift).
-inline __m256 load8_bf16(const uint16_t* p) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
-inline float bf16_value(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
 
 // The four sums of a0..a3's lanes, in order.
 inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -107,7 +95,7 @@ at::Tensor attn_scores(const at::Tensor& q, const at::Tensor& k, double scale) {
           for (int64_t d = 0; d < D8; d += 8) {
             const __m256 x0 = _mm256_loadu_ps(qi + d), x1 = _mm256_loadu_ps(qj + d);
             for (int j = 0; j < 4; ++j) {
-              const __m256 kj = load8_bf16(r[j] + d);
+              const __m256 kj = load8(r[j] + d);
               a[0][j] = _mm256_fmadd_ps(x0, kj, a[0][j]);
               a[1][j] = _mm256_fmadd_ps(x1, kj, a[1][j]);
             }
@@ -117,8 +105,8 @@ at::Tensor attn_scores(const at::Tensor& q, const at::Tensor& k, double scale) {
           _mm_store_ps(sums[1], hsum4(a[1][0], a[1][1], a[1][2], a[1][3]));
           for (int64_t d = D8; d < D; ++d)
             for (int j = 0; j < 4; ++j) {
-              sums[0][j] += qi[d] * bf16_value(r[j][d]);
-              sums[1][j] += qj[d] * bf16_value(r[j][d]);
+              sums[0][j] += qi[d] * bf16_to_float(r[j][d]);
+              sums[1][j] += qj[d] * bf16_to_float(r[j][d]);
             }
           for (int j = 0; j < 4; ++j) {
             obg[i * S + s + j] = sc * sums[0][j];
@@ -130,15 +118,15 @@ at::Tensor attn_scores(const at::Tensor& q, const at::Tensor& k, double scale) {
           __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
           for (int64_t d = 0; d < D8; d += 8) {
             const __m256 x = _mm256_loadu_ps(qi + d);
-            a0 = _mm256_fmadd_ps(x, load8_bf16(r[0] + d), a0);
-            a1 = _mm256_fmadd_ps(x, load8_bf16(r[1] + d), a1);
-            a2 = _mm256_fmadd_ps(x, load8_bf16(r[2] + d), a2);
-            a3 = _mm256_fmadd_ps(x, load8_bf16(r[3] + d), a3);
+            a0 = _mm256_fmadd_ps(x, load8(r[0] + d), a0);
+            a1 = _mm256_fmadd_ps(x, load8(r[1] + d), a1);
+            a2 = _mm256_fmadd_ps(x, load8(r[2] + d), a2);
+            a3 = _mm256_fmadd_ps(x, load8(r[3] + d), a3);
           }
           alignas(16) float sums[4];
           _mm_store_ps(sums, hsum4(a0, a1, a2, a3));
           for (int64_t d = D8; d < D; ++d)
-            for (int j = 0; j < 4; ++j) sums[j] += qi[d] * bf16_value(r[j][d]);
+            for (int j = 0; j < 4; ++j) sums[j] += qi[d] * bf16_to_float(r[j][d]);
           for (int j = 0; j < 4; ++j) obg[i * S + s + j] = sc * sums[j];
         }
       }
@@ -147,10 +135,9 @@ at::Tensor attn_scores(const at::Tensor& q, const at::Tensor& k, double scale) {
         for (int64_t i = 0; i < Q; ++i) {
           const float* qi = qbg + i * D;
           __m256 a = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8_bf16(r + d), a);
-          const __m256 z = _mm256_setzero_ps();
-          float sum = _mm_cvtss_f32(hsum4(a, z, z, z));
-          for (int64_t d = D8; d < D; ++d) sum += qi[d] * bf16_value(r[d]);
+          for (int64_t d = 0; d < D8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8(r + d), a);
+          float sum = hsum(a);
+          for (int64_t d = D8; d < D; ++d) sum += qi[d] * bf16_to_float(r[d]);
           obg[i * S + s] = sc * sum;
         }
       }
@@ -175,7 +162,7 @@ inline void mix_columns(const float* const* p, const View4& vv, int64_t b, int64
     for (int i = 0; i < NQ; ++i) w[i] = _mm256_broadcast_ss(p[i] + s);
     const uint16_t* r = vv.row(b, g, s) + c0;
     for (int c = 0; c < nvec; ++c) {
-      const __m256 x = load8_bf16(r + 8 * c);
+      const __m256 x = load8(r + 8 * c);
       for (int i = 0; i < NQ; ++i) a[i][c] = _mm256_fmadd_ps(w[i], x, a[i][c]);
     }
   }
@@ -222,7 +209,7 @@ at::Tensor attn_mix(const at::Tensor& p, const at::Tensor& v) {
         for (int64_t d = D8; d < D; ++d)  // the last D % 8 columns
           for (int64_t q = 0; q < Q; ++q)
             for (int64_t s = sb; s < se; ++s)
-              acc[q * D + d] += pp[(bg * Q + q) * S + s] * bf16_value(vv.row(b, g, s)[d]);
+              acc[q * D + d] += pp[(bg * Q + q) * S + s] * bf16_to_float(vv.row(b, g, s)[d]);
       }
     }
   });

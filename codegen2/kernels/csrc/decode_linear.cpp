@@ -51,6 +51,8 @@
 
 #include <immintrin.h>
 
+#include "simd_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -67,13 +69,6 @@ constexpr int kChunk = 16;   // K elements per vector step
 constexpr int kFlush = 128;  // int8: chunks summed in int32 before moving to fp32 (overflow note at int8_block)
 constexpr int kPrefetch = 1024;  // int8: software prefetch distance in bytes (+~10% measured; bf16 does not gain)
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // acc + the pairwise int16 products of a and b, summed per int32 lane. Same integers on every level (our
 // operands never reach -32768 * -32768, the one case where vpmaddwd and vpdpwssd differ).
 inline __m256i dot_add(__m256i acc, __m256i a, __m256i b) {
@@ -86,19 +81,6 @@ inline __m256i dot_add(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// Eight consecutive activations as fp32 (bf16 -> fp32 is a 16-bit shift).
-inline __m256 load8(const at::BFloat16* p) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 // ---------------------------------------------------------------------------------------------------------
 // bf16 weights. A 32-byte load holds 16 bf16 as 8 int32 lanes: lane i = (w[2i+1] << 16) | w[2i]. Shifting a
