@@ -5,8 +5,9 @@ K/V head h // (H / G) (grouped-query attention; G = H otherwise); allowed (B, 1,
 query sees. They return (B, H, T, D) in v's dtype. They are modules so that what runs them can be swapped from
 outside the model: ``codegen2.kernels.prepare_for_inference`` wraps them in native kernels for passes with few
 queries (decode), and leaves everything else (prompts, training, other devices) to the code here. What the
-kernels use of them is the contract of ``codegen2.kernels.attention``: ``scale_scores`` (the family's scaling of
-q . k) and ``probabilities`` (the masked softmax), so both paths share the family's numerics.
+kernels use of them is the contract of ``codegen2.kernels.attention``: ``score_scaling`` (how the family scales
+q . k: multiplied or divided, by what); the rest of the numerics is common to both families and written once
+here (masked_softmax, the probabilities rounded to v's dtype) and once in the kernel.
 
 The training path (no mask: plain causal attention over the call's tokens) stays in each model, on SDPA's fused
 causal kernel.
@@ -36,8 +37,13 @@ def grouped(q: torch.Tensor, G: int) -> torch.Tensor:
 
 
 class _MaskedAttention(nn.Module):
-    def scale_scores(self, scores: torch.Tensor) -> torch.Tensor:
+    def score_scaling(self) -> tuple[float, bool]:
+        """(c, divide): the family's scores are fp32 q . k divided by c if divide, else multiplied by c."""
         raise NotImplementedError
+
+    def scale_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        c, divide = self.score_scaling()
+        return scores / c if divide else scores * c
 
     def probabilities(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """fp32 scaled scores (B, G, rep * T, S) -> fp32 probabilities (masked_softmax)."""
@@ -53,8 +59,8 @@ class Fp32Attention(_MaskedAttention):
         super().__init__()
         self.divisor = divisor
 
-    def scale_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.divisor
+    def score_scaling(self) -> tuple[float, bool]:
+        return self.divisor, True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, H, T, D = q.shape
@@ -74,8 +80,8 @@ class SdpaAttention(_MaskedAttention):
         super().__init__()
         self.scale = scale
 
-    def scale_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores * self.scale
+    def score_scaling(self) -> tuple[float, bool]:
+        return self.scale, False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         H, G = q.shape[1], k.shape[1]
