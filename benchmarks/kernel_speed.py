@@ -6,7 +6,10 @@ memory, as in a real decode step, instead of finding it in the last-level cache.
 by round (rounds of ~5 ms) so that a noisy neighbour hurts them alike; the fastest round is reported (the least
 disturbed one: on a shared machine the median mostly measures the neighbours).
 
-    python benchmarks/kernels.py [--rounds 30] [--threads 2] [--prefill] [--int4-groups 32,64,128]
+    python benchmarks/kernel_speed.py [--rounds 30] [--threads 2] [--prefill] [--int4-groups 32,64,128]
+
+(Named kernel_speed, not kernels: a script runs with its own folder first on sys.path, so a benchmarks/kernels.py
+shadowed Hugging Face's `kernels` package for every script here, and transformers' import of it failed.)
 
 Prints a table and one JSON line. GB/s counts the bytes of the weight in its own format (int8: 1 byte each,
 int4: half a byte plus a 2-byte scale per group); the --prefill row (M = 1024) shows milliseconds per call
