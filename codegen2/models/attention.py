@@ -45,10 +45,6 @@ class _MaskedAttention(nn.Module):
         c, divide = self.score_scaling()
         return scores / c if divide else scores * c
 
-    def probabilities(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """fp32 scaled scores (B, G, rep * T, S) -> fp32 probabilities (masked_softmax)."""
-        return masked_softmax(scores, allowed)
-
 
 class Fp32Attention(_MaskedAttention):
     """CodeGen2's reference numerics (Salesforce's ``_attn``): q . k in fp32 divided by ``divisor``
@@ -65,7 +61,7 @@ class Fp32Attention(_MaskedAttention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, H, T, D = q.shape
         scores = self.scale_scores(torch.matmul(grouped(q.float(), k.shape[1]), k.float().transpose(-1, -2)))
-        probs = self.probabilities(scores, allowed).to(v.dtype)
+        probs = masked_softmax(scores, allowed).to(v.dtype)
         # The product runs in fp32 and is rounded once, which is what a half-precision matmul computes too, but
         # torch's CPU bf16 batched matmul is a slow element-by-element loop.
         return torch.matmul(probs.float(), v.float()).to(v.dtype).view(B, H, T, D)

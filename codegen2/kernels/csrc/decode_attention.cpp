@@ -266,9 +266,11 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                   allowed.size(0) == B && allowed.size(1) == 1 && allowed.size(2) == T && allowed.size(3) == S,
               "codegen2_kernels.attn_decode: allowed must be a bool CPU tensor (B, 1, T, S)");
   const int64_t rep = H / G, Q = rep * T;
-  const at::Tensor qf = q.to(at::kFloat);  // a view when already fp32
-  const float* qp = qf.data_ptr<float>();
-  const int64_t qsb = qf.stride(0), qsh = qf.stride(1), qst = qf.stride(2), qsd = qf.stride(3);
+  // q is read in place, in its own dtype, into each task's fp32 rows.
+  const bool q_bf16 = q.scalar_type() == at::kBFloat16;
+  const float* qp32 = q_bf16 ? nullptr : q.data_ptr<float>();
+  const uint16_t* qp16 = q_bf16 ? reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()) : nullptr;
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qst = q.stride(2), qsd = q.stride(3);
   const bool* ap = allowed.data_ptr<bool>();
   const int64_t asb = allowed.stride(0), ast = allowed.stride(2), ass = allowed.stride(3);
   at::Tensor out = at::empty({B, H, T, D}, q.options().dtype(at::kBFloat16));
@@ -279,8 +281,9 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     for (int64_t bg = t0; bg < t1; ++bg) {
       const int64_t b = bg / G, g = bg % G;
       for (int64_t r = 0; r < Q; ++r) {  // row r: query head g * rep + r / T at token r % T
-        const float* src = qp + b * qsb + (g * rep + r / T) * qsh + (r % T) * qst;
-        for (int64_t d = 0; d < D; ++d) qbuf[r * D + d] = src[d * qsd];
+        const int64_t at = b * qsb + (g * rep + r / T) * qsh + (r % T) * qst;
+        for (int64_t d = 0; d < D; ++d)
+          qbuf[r * D + d] = q_bf16 ? bf16_to_float(qp16[at + d * qsd]) : qp32[at + d * qsd];
       }
       score_keys(qbuf.data(), Q, D, kv, b, g, 0, S, p.data(), S);
       for (int64_t r = 0; r < Q; ++r) softmax_row(p.data() + r * S, ap + b * asb + (r % T) * ast, ass, S, c, divide);
