@@ -203,8 +203,11 @@ def _self_test(level: str) -> bool:
     y8 = lib.linear_int8(x, pack_int8(q), s, None).float()
     q4 = torch.randint(-8, 8, (5, 40), generator=g, dtype=torch.int8)
     s4 = torch.rand(5, 2, generator=g).bfloat16()
-    ref4 = F.linear(x.float(), q4.float() * s4.float().repeat_interleave(32, dim=1)[:, :40])
-    y4 = lib.linear_int4(x, *pack_int4(q4, s4, 32), None, 5).float()
+    # int4 quantizes x to int8 per group of 32: integers with a group maximum of 127 quantize exactly.
+    x4 = torch.randint(-127, 128, (3, 40), generator=g).float()
+    x4[:, [0, 32]] = 127.0
+    ref4 = F.linear(x4, q4.float() * s4.float().repeat_interleave(32, dim=1)[:, :40])
+    y4 = lib.linear_int4(x4.bfloat16(), *pack_int4(q4, s4, 32), None, 5).float()
     close = all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in ((y, ref), (y8, ref8), (y4, ref4)))
     d8 = lib.dequant_int8(pack_int8(q), s, 0, 2, 5, 40)  # blocks 0..1 hold rows 0..4
     d4 = lib.dequant_int4(*pack_int4(q4, s4, 32), 1, 2, 5, 40)  # block 1 holds row 4

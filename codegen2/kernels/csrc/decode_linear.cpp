@@ -3,7 +3,7 @@
 // Decode reads every weight once per step, so the small-M kernels have one goal: stream W at memory speed and do
 // as little work per byte as possible: each weight chunk is converted once per pair of tokens and the row block
 // stays in L1/L2 for the next pair. That caps them at ~80-110 GFLOP/s (2 threads, Zen 3) for prompt-sized M, so
-// from 32 (bf16) / 16 (int4) rows, products take a register-blocked GEMM instead (section "Batched and
+// from 32 rows (bf16, int4), products take a register-blocked GEMM instead (section "Batched and
 // prefill-sized products" below). Where the CPU has native bf16 (AVX512-BF16, AMX) the Python side routes bf16
 // prefill to oneDNN.
 //
@@ -11,12 +11,13 @@
 // that several levels can be loaded side by side and compared. Every level needs AVX2 + FMA; the Python loader
 // checks the CPU's flags before loading a build. What the higher levels change here:
 // - avx_vnni (AVX2 CPUs with the VEX VNNI, e.g. Alder Lake, Zen 5) and avx512_vnni: the int16 dot products of the
-//   int8 and int4 kernels use vpdpwssd (multiply, add pairs and accumulate in one instruction) instead of
-//   vpmaddwd + vpaddd; the integer results are identical (no lane can overflow, see the bounds below).
-// - avx512 and up (CG2_ZMM): the small-M bf16 and int4 kernels work on 64-byte loads in 512-bit registers (bf16:
-//   32 weights per step; int4: two rows per register), half the instructions per byte of weight. Measured on
-//   Zen 5 (2 threads, 8192 x 2048, M = 1, the same process): 26-29 GB/s (avx2) -> 29-46 GB/s. int8 stays 256-bit:
-//   it already streams at ~39 GB/s there, the machine's read bandwidth. int4 results are bit-identical to avx2's.
+//   int8 kernel use vpdpwssd (multiply, add pairs and accumulate in one instruction) instead of vpmaddwd +
+//   vpaddd; the integer results are identical (no lane can overflow, see the bounds below).
+// - avx512 and up (CG2_ZMM): the small-M bf16 kernels work on 64-byte loads in 512-bit registers (32 weights per
+//   step), half the instructions per byte of weight. Measured on Zen 5 (2 threads, 8192 x 2048, M = 1, the same
+//   process): 26-29 GB/s (avx2) -> 29-46 GB/s. int8 stays 256-bit: it already streams at ~39 GB/s there, the
+//   machine's read bandwidth. int4 runs the same 256-bit code at every level (int4_block says why), so its
+//   results are bit-identical everywhere.
 // - avx512_bf16: bf16 products with bf16 x use vdpbf16ps (bf16_tile_dp): 33-44 GB/s against 29-34 for the
 //   512-bit FMA kernel, interleaved in one process on Zen 5; also ahead of oneDNN up to 16 rows (M = 16: 17-20
 //   against 15-19 GB/s). Three products and two dequantizations:
@@ -34,8 +35,9 @@
 //   linear_int4(x, w, scale, bias?, N) w uint8 packed by pack_int4(): (ceil(N/4), Kp/32, 4, 16), byte
 //                                   w[b, c, r, j] = (q[4b+r, 32c+j] + 8) | (q[4b+r, 32c+16+j] + 8) << 4 with q in
 //                                   [-8, 7]; scale (ceil(N/4), Kp/G, 4) bf16, one per row and group of G = 32 .. 256
-//                                   columns: W[n, k] ~= q[n, k] * scale[n, k / G]. x is quantised to int16 as for
-//                                   int8; each group's exact integer dot product is scaled in fp32.
+//                                   columns: W[n, k] ~= q[n, k] * scale[n, k / G]. x is quantised to int8 per
+//                                   group of G (|err| <= max|x_group| / 254, as llama.cpp's q8_0 for q4_0); each
+//                                   group's exact integer dot product is scaled in fp32. From 32 rows: an fp32 GEMM.
 //
 //   dequant_int8 / dequant_int4(w, scale, b0, b1, N, K) the bf16 weight rows of packed blocks b0 .. b1 - 1, for
 //                                   oneDNN's bf16 GEMM on prompt-sized products (linear.py decides when).
@@ -67,7 +69,7 @@ constexpr int kRows = 4;     // output rows per block: 4 weight streams (bf16) /
 constexpr int kTok = 2;      // tokens per micro-kernel pass (measured best; 3 runs out of the 16 ymm registers)
 constexpr int kChunk = 16;   // K elements per vector step
 constexpr int kFlush = 128;  // int8: chunks summed in int32 before moving to fp32 (overflow note at int8_block)
-constexpr int kPrefetch = 1024;  // int8: software prefetch distance in bytes (+~10% measured; bf16 does not gain)
+constexpr int kPrefetch = 1024;  // int8 / int4: software prefetch distance in bytes (int8 +~10% measured)
 
 // acc + the pairwise int16 products of a and b, summed per int32 lane. Same integers on every level (our
 // operands never reach -32768 * -32768, the one case where vpmaddwd and vpdpwssd differ).
@@ -171,7 +173,8 @@ struct Bf16Vec {
 // Prefetch into L2 the bytes at p of the next block's row (R rows further on) while this block streams: a bf16
 // row of a 2048-wide layer is 4 KiB, one page, and the hardware prefetchers start over at every page, so without
 // this each block's rows start cold. Measured on Zen 4 (M = 1, 2 threads, GB/s, same process): 6144x2048 25.1 ->
-// 31.9, 2048x2048 25.2 -> 30.4, 51200x2048 22.1 -> 28.7; into L1 (T0) it gained less or lost. One per 64-byte
+// 31.9, 2048x2048 25.2 -> 30.4, 51200x2048 22.1 -> 28.7; into L1 (T0) it gained less or lost. On Zen 3 (avx2):
+// 6144x2048 23.5-26.2 -> 28.0-28.4, 51200x2048 27.3-27.7 -> 30.2-30.3; two blocks ahead was no better. One per 64-byte
 // line. Past the last row it names memory that may not be ours, which a prefetch may: it cannot fault.
 template <int R>
 inline void prefetch_next_rows(const uint16_t* p, int64_t K, int64_t c) {
@@ -372,158 +375,150 @@ struct Int8Kernel {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// int4 weights, group-wise scales, against the same int16 activations. One 64-byte line holds a 32-column
-// chunk of a 4-row block. A byte's two nibbles are widened to int16 with a mask and a shift (no shuffles), the
-// +8 offset is removed with one subtraction, and vpmaddwd does the rest. A group's int32 sums are converted and
-// scaled once per group: the only float work, 1 FMA per 8 lanes of G / 2 multiply-adds.
-// Overflow: a lane gains at most 2 * 8 * 32767 < 2^20 per chunk, and a group has at most 8 chunks (G <= 256).
-// One token: all 4 rows per pass. Two tokens: 2 rows at a time, so that 2 x 2 int32 and fp32 sums, the 4
-// activation vectors and the unpacked weights fit the 16 registers, and each unpacked chunk serves both tokens.
+// int4 weights, group-wise scales, against int8 activations quantized per group (like llama.cpp's q8_0 for
+// its q4_0 products). One 64-byte line holds a 32-column chunk of a 4-row block: rows 0-1 in its first 32
+// bytes, rows 2-3 in the last 32. The nibbles stay unsigned (u = q + 8 in [0, 15]) and are taken out with a
+// shift and a mask, 64 weights per 2 ops; vpmaddubsw multiplies them with the signed int8 x and adds pairs into
+// int16 (|u0 x0 + u1 x1| <= 2 * 15 * 127 = 3810, and the low and high nibbles' sums together <= 7620: no
+// saturation), vpmaddwd by ones widens pairs to int32, and each group's sum of u x becomes the sum of q x by
+// subtracting 8 * sum(x) (xc below, once per group and token). So a 64-byte line costs ~20 ops where the int16
+// activations needed ~36 (two widenings, a subtraction of 8 per 16 weights and 4 vpmaddwd). Measured on Zen 3
+// (AVX2, 2 threads, M = 1, GB/s of packed int4, in alternate processes): see kGemmMinRowsInt4 and the README.
+// Numbers: the integer group sums are exact (|sum| <= 256 * 15 * 127 < 2^24, so also exact in fp32); per group
+// and token they are scaled by fp32(w_scale * x_scale) with one FMA into fp32 lanes; every level runs this same
+// code (the 512-bit and VNNI levels included), so every level gives bit-identical results. A 512-bit version
+// (all 4 rows per load) and vpdpbusd (AVX512-VNNI / AVX-VNNI: u8 x s8 products summed by 4 into int32, the same
+// integers in one instruction) are the obvious next steps; they were not written on an AVX2-only machine, where
+// they could not have been run or measured. The int16-activation kernel this replaced had a 512-bit version:
+// on Zen 5 34 GB/s at M = 1 against 24 for its avx2 build (not measured against this one yet).
+//
+// x per token (pack_x_int8): the int8 values of chunk c as 64 bytes [x0..15 | x0..15 | x16..31 | x16..31], so
+// that each 32-byte half lines up with a 32-byte load of two rows' bytes (row r's low nibbles are columns 0-15,
+// its high nibbles 16-31); one fp32 scale and one 8 * sum(q) per group.
 
 constexpr int kGroupChunk = 32;  // int4: columns per packed chunk
 
-inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg, const int16_t* xq,
-                       float* out) {
-  const __m256i low = _mm256_set1_epi16(0x0F), eight = _mm256_set1_epi16(8);
-  __m256 facc[kRows];
-  for (int r = 0; r < kRows; ++r) facc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ngroups; ++g) {
-    __m256i iacc[kRows];
-    for (int r = 0; r < kRows; ++r) iacc[r] = _mm256_setzero_si256();
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-      const uint8_t* wc = w + c * kRows * 16;
-      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch), _MM_HINT_T0);
-      const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kGroupChunk));
-      const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kGroupChunk + 16));
-      for (int r = 0; r < kRows; ++r) {
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wc + r * 16)));
-        const __m256i lo = _mm256_sub_epi16(_mm256_and_si256(v, low), eight);  // columns 32c + 0..15
-        const __m256i hi = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);   // columns 32c + 16..31
-        iacc[r] = dot_add(dot_add(iacc[r], lo, xlo), hi, xhi);
+// Quantize each row of x to int8 per group of G columns (max|x_group| / 127, round to nearest even): xq (M,
+// 2 Kp) bytes in the layout above, xs (M, Kp / G) scales, xc (M, Kp / G) = 8 * sum of the group's int8 values.
+// Columns K .. Kp are 0. A non-finite value makes all of its row's scales NaN, which poisons the output row as an
+// fp32 matmul would.
+template <typename T>
+void pack_x_int8(const T* x, int64_t M, int64_t K, int64_t Kp, int64_t G, int8_t* xq, float* xs, int32_t* xc) {
+  const int64_t ng = Kp / G;
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  std::vector<float> row(Kp);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* src = x + m * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(row.data() + k, load8(src + k));
+    for (; k < K; ++k) row[k] = static_cast<float>(src[k]);
+    std::fill(row.begin() + K, row.end(), 0.0f);
+    bool finite = true;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* rg = row.data() + g * G;
+      __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      for (int64_t j = 0; j < G; j += 8) {
+        const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(rg + j));
+        vmax = _mm256_max_ps(vmax, a);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
       }
+      float lanes[8];
+      _mm256_storeu_ps(lanes, vmax);
+      const float amax = *std::max_element(lanes, lanes + 8);
+      finite &= _mm256_movemask_ps(bad) == 0;
+      // |x * inv| <= 127 (+ rounding), so the int16 and int8 packs below never saturate finite inputs.
+      const __m256 vinv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t j = 0; j < G; j += kGroupChunk) {
+        __m256i h[2];  // the chunk's columns 0-15 and 16-31 as int16, in order
+        for (int p = 0; p < 2; ++p) {
+          const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(rg + j + 16 * p), vinv));
+          const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(rg + j + 16 * p + 8), vinv));
+          h[p] = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+          sum = _mm256_add_epi32(sum, _mm256_madd_epi16(h[p], ones16));
+        }
+        const __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi16(h[0], h[1]), _MM_SHUFFLE(3, 1, 2, 0));
+        int8_t* dst = xq + m * 2 * Kp + (g * G + j) * 2;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(q, q, 0x00));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_permute2x128_si256(q, q, 0x11));
+      }
+      int32_t s[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s), sum);
+      xc[m * ng + g] = 8 * (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+      xs[m * ng + g] = amax / 127.0f;
     }
-    for (int r = 0; r < kRows; ++r) {
-      const __m256 s = _mm256_set1_ps(bf16_to_float(scale[g * kRows + r]));
-      facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), s, facc[r]);
-    }
+    if (!finite) std::fill(xs + m * ng, xs + (m + 1) * ng, NAN);
   }
-  for (int r = 0; r < kRows; ++r) out[r] = hsum(facc[r]);
 }
 
-// Two tokens, rows r0 and r0 + 1 of the block; out[m * kRows + r].
-inline void int4_pair(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg, const int16_t* xq,
-                      int64_t Kp, int r0, float* out) {
-  const __m256i low = _mm256_set1_epi16(0x0F), eight = _mm256_set1_epi16(8);
-  __m256 facc[2][2];
-  for (int m = 0; m < 2; ++m)
-    for (int r = 0; r < 2; ++r) facc[m][r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ngroups; ++g) {
-    __m256i iacc[2][2];
-    for (int m = 0; m < 2; ++m)
-      for (int r = 0; r < 2; ++r) iacc[m][r] = _mm256_setzero_si256();
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-      const uint8_t* wc = w + c * kRows * 16;
-      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch), _MM_HINT_T0);
-      __m256i xlo[2], xhi[2];
-      for (int m = 0; m < 2; ++m) {
-        xlo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kGroupChunk));
-        xhi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kGroupChunk + 16));
-      }
-      for (int r = 0; r < 2; ++r) {
-        const __m256i v =
-            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wc + (r0 + r) * 16)));
-        const __m256i lo = _mm256_sub_epi16(_mm256_and_si256(v, low), eight);
-        const __m256i hi = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);
-        for (int m = 0; m < 2; ++m) iacc[m][r] = dot_add(dot_add(iacc[m][r], lo, xlo[m]), hi, xhi[m]);
-      }
-    }
-    for (int r = 0; r < 2; ++r) {
-      const __m256 s = _mm256_set1_ps(bf16_to_float(scale[g * kRows + r0 + r]));
-      for (int m = 0; m < 2; ++m) facc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][r]), s, facc[m][r]);
-    }
-  }
-  for (int m = 0; m < 2; ++m)
-    for (int r = 0; r < 2; ++r) out[m * kRows + r0 + r] = hsum(facc[m][r]);
-}
-
-#ifdef CG2_ZMM
-inline __m512i dot_add512(__m512i acc, __m512i a, __m512i b) {
-#if defined(__AVX512VNNI__)
-  return _mm512_dpwssd_epi32(acc, a, b);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
-#endif
-}
-
-// AVX-512: two rows per register, all 4 rows of a block for one or two tokens. A chunk's 64 bytes are two 32-byte
-// halves (rows 0-1, rows 2-3), each widened to 32 int16 (one row per 256-bit half) and multiplied with x
-// broadcast to both halves. Lane for lane these are the integers and fp32 steps of int4_block / int4_pair, so
-// every level gives bit-identical results; per 64 bytes it is half the instructions. Measured on Zen 5 (2
-// threads, 8192 x 2048, GB/s of packed int4, same process): M = 1 24 (avx2) -> 34, M = 2 18 -> 35-37.
+// out[m * kRows + r] for one packed block of 4 rows and MB tokens. Lanes: acc[m][0] holds rows 0 (lanes 0-3)
+// and 1 (lanes 4-7), acc[m][1] rows 2 and 3; lane l of a row sums the products of the row's bytes 4l .. 4l + 3.
 template <int MB>
-inline void int4_block_zmm(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg,
-                           const int16_t* xq, int64_t Kp, float* out) {
-  const __m512i low = _mm512_set1_epi16(0x0F), eight = _mm512_set1_epi16(8);
-  const __m512i pick[2] = {_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                           _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)};
-  __m512 facc[MB][2];
-  for (int m = 0; m < MB; ++m) facc[m][0] = facc[m][1] = _mm512_setzero_ps();
+inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg, const int8_t* xq,
+                       int64_t xstride, const float* xs, const int32_t* xc, int64_t sstride, float* out) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i lane0 = _mm256_setr_epi32(-1, 0, 0, 0, -1, 0, 0, 0);  // where each row's 8 * sum(x) comes off
+  const __m256i pick0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), pick1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  __m256 facc[MB][2];
+  for (int m = 0; m < MB; ++m) facc[m][0] = facc[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ngroups; ++g) {
-    __m512i iacc[MB][2];
-    for (int m = 0; m < MB; ++m) iacc[m][0] = iacc[m][1] = _mm512_setzero_si512();
+    __m256i iacc[MB][2];
+    for (int m = 0; m < MB; ++m) iacc[m][0] = iacc[m][1] = _mm256_setzero_si256();
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const uint8_t* wc = w + c * kRows * 16;
       _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch), _MM_HINT_T0);
-      __m512i xlo[MB], xhi[MB];
-      for (int m = 0; m < MB; ++m) {
-        const int16_t* xm = xq + m * Kp + c * kGroupChunk;
-        xlo[m] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm)));
-        xhi[m] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 16)));
-      }
+      __m256i lo[2], hi[2];
       for (int h = 0; h < 2; ++h) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + h * 32)));
-        const __m512i lo = _mm512_sub_epi16(_mm512_and_si512(v, low), eight);
-        const __m512i hi = _mm512_sub_epi16(_mm512_srli_epi16(v, 4), eight);
-        for (int m = 0; m < MB; ++m) iacc[m][h] = dot_add512(dot_add512(iacc[m][h], lo, xlo[m]), hi, xhi[m]);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 32 * h));
+        lo[h] = _mm256_and_si256(v, low);
+        hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = xq + m * xstride + c * 64;
+        const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
+        const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
+        for (int h = 0; h < 2; ++h) {
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh));
+          iacc[m][h] = _mm256_add_epi32(iacc[m][h], _mm256_madd_epi16(p, ones));
+        }
       }
     }
-    // The block's 4 scales as fp32, then [s0 x 8 | s1 x 8] and [s2 x 8 | s3 x 8].
+    // The block's 4 scales of this group as fp32, then [s0 x 4 | s1 x 4] and [s2 x 4 | s3 x 4].
     const __m128i s16 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale + g * kRows));
-    const __m512 s4 = _mm512_castps128_ps512(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(s16), 16)));
-    for (int h = 0; h < 2; ++h) {
-      const __m512 sh = _mm512_permutexvar_ps(pick[h], s4);
-      for (int m = 0; m < MB; ++m) facc[m][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m][h]), sh, facc[m][h]);
+    const __m256 s4 = _mm256_castps128_ps256(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(s16), 16)));
+    const __m256 sw[2] = {_mm256_permutevar8x32_ps(s4, pick0), _mm256_permutevar8x32_ps(s4, pick1)};
+    for (int m = 0; m < MB; ++m) {
+      const __m256 sx = _mm256_set1_ps(xs[m * sstride + g]);
+      const __m256i corr = _mm256_and_si256(_mm256_set1_epi32(xc[m * sstride + g]), lane0);
+      for (int h = 0; h < 2; ++h) {
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(iacc[m][h], corr));
+        facc[m][h] = _mm256_fmadd_ps(d, _mm256_mul_ps(sw[h], sx), facc[m][h]);
+      }
     }
   }
   for (int m = 0; m < MB; ++m)
     for (int h = 0; h < 2; ++h) {
-      out[m * kRows + 2 * h] = hsum(_mm512_castps512_ps256(facc[m][h]));
-      out[m * kRows + 2 * h + 1] = hsum(_mm512_extractf32x8_ps(facc[m][h], 1));
+      float a[8];
+      _mm256_storeu_ps(a, facc[m][h]);
+      out[m * kRows + 2 * h] = (a[0] + a[1]) + (a[2] + a[3]);
+      out[m * kRows + 2 * h + 1] = (a[4] + a[5]) + (a[6] + a[7]);
     }
 }
-#endif
 
 struct Int4Kernel {
   const uint8_t* w;        // packed (Nb, Kp / 32, 4, 16)
   const uint16_t* scale;   // bf16 (Nb, ngroups, 4)
-  const int16_t* xq;       // (M, Kp)
+  const int8_t* xq;        // (M, 2 Kp), see pack_x_int8
+  const float* xs;         // (M, ngroups)
+  const int32_t* xc;       // (M, ngroups)
   int64_t Kp, ngroups;
 
   template <int MB>
   void block(int64_t b, int64_t m0, float* out) const {
-    static_assert(MB == 1 || MB == 2, "int4: one or two tokens per pass");
     const int64_t cpg = Kp / kGroupChunk / ngroups;
-    const uint8_t* wb = w + b * kRows * Kp / 2;
-    const uint16_t* sb = scale + b * ngroups * kRows;
-#ifdef CG2_ZMM
-    int4_block_zmm<MB>(wb, sb, ngroups, cpg, xq + m0 * Kp, Kp, out);
-    return;
-#endif
-    if (MB == 1) {
-      int4_block(wb, sb, ngroups, cpg, xq + m0 * Kp, out);
-    } else {
-      for (int r0 = 0; r0 < kRows; r0 += 2) int4_pair(wb, sb, ngroups, cpg, xq + m0 * Kp, Kp, r0, out);
-    }
+    int4_block<MB>(w + b * kRows * Kp / 2, scale + b * ngroups * kRows, ngroups, cpg, xq + m0 * 2 * Kp, 2 * Kp,
+                   xs + m0 * ngroups, xc + m0 * ngroups, ngroups, out);
   }
 };
 
@@ -553,11 +548,7 @@ void run_blocks(const Kernel& kernel, int64_t M, int64_t N, int64_t K, int64_t w
           for (int r = 0; r < rows; ++r) {
             const int64_t n = n0 + r;
             float v = out[m * kRows + r];
-            if (row_scale) {
-              v *= row_scale[n] * tok_scale[m0 + m];
-            } else if (tok_scale) {  // int4: the row's scales are applied per group inside the kernel
-              v *= tok_scale[m0 + m];
-            }
+            if (row_scale) v *= row_scale[n] * tok_scale[m0 + m];  // int8 (int4 scales inside its kernel)
             if (bias) v += bias[n];
             y[(m0 + m) * N + n] = static_cast<OutT>(v);
           }
@@ -592,9 +583,11 @@ constexpr int kNC = 48;    // weight rows per task: 8 micro-panels
 // From how many rows the GEMM is used (measured, 2 threads, Zen 3, the 1B shape's linears, best of 15 rounds
 // interleaved, three runs; GFLOP/s GEMM vs pair kernel): bf16 M = 16: 74-98 vs 80-114 (pair wins), M = 32: 94-98
 // vs 87-104, M = 64: 108-114 vs 87-100, M = 256: 113-137 vs 71-98; int4 M = 16: 77-100 vs 64-69, M = 256:
-// 113-141 vs 69-106.
+// 113-141 vs 69-106. int4 with the int8-activation kernel (2026-12-04, Zen 3, GB/s of packed int4, two runs
+// each, separate processes): M = 16 1.9-2.9 vs 1.6-2.2 for the GEMM, M = 32 0.9-1.4 vs 0.9-1.3, M = 64 equal
+// (0.5-0.7), so int4 switches where bf16 does; the GEMM keeps x in fp32, more accurate, for prompts.
 constexpr int64_t kGemmMinRowsBf16 = 32;
-constexpr int64_t kGemmMinRowsInt4 = 16;
+constexpr int64_t kGemmMinRowsInt4 = 32;
 
 // c[i * ldc + t] (+)= sum_k a[i * kKC + k] * bt[k * 16 + t] for i < R, t < 8 * NV. The accumulators are named
 // variables, not an array: with an array GCC 12 kept a copy of each on the stack and stored all 12 every step
@@ -897,12 +890,14 @@ at::Tensor linear_int4_impl(const at::Tensor& x, const at::Tensor& w, const at::
              M, N, K, y.data_ptr<T>(), ptr_or_null(bias));
     return y;
   }
-  std::vector<int16_t> xq(M * Kp);
-  std::vector<float> xscale(M);
-  pack_x_int16(x.data_ptr<T>(), M, K, Kp, xq.data(), xscale.data());
-  const Int4Kernel kernel{w.data_ptr<uint8_t>(), sp, xq.data(), Kp, scale.size(1)};
+  const int64_t ngroups = scale.size(1);
+  std::vector<int8_t> xq(M * 2 * Kp);
+  std::vector<float> xs(M * ngroups);
+  std::vector<int32_t> xc(M * ngroups);
+  pack_x_int8(x.data_ptr<T>(), M, K, Kp, Kp / ngroups, xq.data(), xs.data(), xc.data());
+  const Int4Kernel kernel{w.data_ptr<uint8_t>(), sp, xq.data(), xs.data(), xc.data(), Kp, ngroups};
   // weight_bytes = 1 for the grain: half a byte per weight, plus scales, rounds up to about a byte's work.
-  run_blocks(kernel, M, N, K, 1, y.data_ptr<T>(), ptr_or_null(bias), nullptr, xscale.data());
+  run_blocks(kernel, M, N, K, 1, y.data_ptr<T>(), ptr_or_null(bias), nullptr, nullptr);
   return y;
 }
 
