@@ -438,6 +438,107 @@ def test_attn_decode_rejects_bad_inputs(path):
         ops.attn_decode(q, k, v, ok.float(), 1.0, False)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The LLaMA family's RMSNorm and rotary (kernels/pointwise.py, csrc/decode_pointwise.cpp)
+
+
+@pytest.mark.parametrize("B,H,G,T,D", [(1, 16, 16, 1, 128), (2, 4, 2, 5, 64), (1, 3, 1, 2, 12), (2, 2, 2, 3, 20)])
+def test_rope_is_bit_identical_to_the_module(path, B, H, G, T, D):
+    """Rotary on the kernel against models.llama.Rotary (torch's bf16 ops, each product and the sum rounded):
+    the same bits, for q and k laid out as the model makes them (transposed views of the projections), cos and
+    sin from the model's own tables at scattered positions; D = 12 and 20 run the kernel's scalar tail."""
+    from codegen2.kernels.pointwise import NativeRotary
+    from codegen2.models.llama import Rotary, rotary_table
+
+    if path == "torch":
+        pytest.skip("rope exists only as a native kernel")
+    g = torch.Generator().manual_seed(D + T)
+    q = (3 * torch.randn(B, T, H, D, generator=g)).bfloat16().transpose(1, 2)  # (B, H, T, D), strided
+    k = (3 * torch.randn(B, T, G, D, generator=g)).bfloat16().transpose(1, 2)
+    sin, cos = rotary_table(4096, D, 10000.0)
+    pos = torch.randint(0, 4096, (B, T), generator=g)
+    sin, cos = sin[pos][:, None].bfloat16(), cos[pos][:, None].bfloat16()  # (B, 1, T, D), as Llama.forward
+    ref = Rotary()
+    mod = NativeRotary(ref, native_module.ops(native_module.kernel_level()))
+    for got, want in zip(mod(q, k, cos, sin), ref(q, k, cos, sin)):
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        assert torch.equal(got, want)
+    # What the kernel does not take goes to the module: fp32 tensors, the training path's (T, D) tables.
+    for args in ((q.float(), k.float(), cos.float(), sin.float()), (q, k, cos[0, 0], sin[0, 0])):
+        for got, want in zip(mod(*args), ref(*args)):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("N,D", [(1, 2048), (3, 100), (5, 7), (300, 64)])
+def test_rms_norm_matches_the_module(path, N, D):
+    """RMSNorm on the kernel against models.llama.RMSNorm in bf16: the same steps in fp32 (sum of squares, 1 /
+    sqrt(mean + eps), x * r rounded to bf16, times the weight rounded to bf16); only the sum's order differs, so
+    r can differ in its last bit and a result by one bf16 step where x * r falls within ~2^-23 of a rounding tie:
+    every result within one step of the module's, all but a few in a thousand identical. Both within two bf16
+    roundings of the exact value."""
+    from codegen2.kernels.pointwise import NativeRMSNorm
+    from codegen2.models.llama import RMSNorm
+
+    if path == "torch":
+        pytest.skip("rms_norm exists only as a native kernel")
+    g = torch.Generator().manual_seed(N * D)
+    ref = RMSNorm(D, 1e-5).bfloat16()
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.5 * torch.randn(D, generator=g))
+    mod = NativeRMSNorm(ref, native_module.ops(native_module.kernel_level()))
+    x = (4 * torch.randn(2, N, D, generator=g)).bfloat16()  # (B, T, D): the wrapper flattens and restores
+    with torch.no_grad():
+        got, want = mod(x), ref(x)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    step = torch.where(want == 0, torch.zeros_like(want.float()), 2.0 * U * want.float().abs())
+    assert bool(((got.float() - want.float()).abs() <= step).all())
+    assert float((got == want).float().mean()) >= 0.995
+    xd = x.double()
+    exact = ref.weight.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert bool(((got.double() - exact).abs() <= 2.5 * U * exact.abs() + 1e-30).all())
+    # fp32 activations, and autograd (a weight that requires grad, grad mode on), go to the module.
+    with torch.no_grad():
+        assert torch.equal(mod(x.float()), ref(x.float()))
+    assert ref.weight.requires_grad and mod(x).grad_fn is not None
+
+
+def test_pointwise_ops_reject_bad_inputs(path):
+    if path == "torch":
+        pytest.skip("rms_norm and rope exist only as native kernels")
+    ops = native_module.ops(native_module.kernel_level())
+    x, w = torch.randn(2, 8).bfloat16(), torch.ones(8).bfloat16()
+    with pytest.raises(RuntimeError, match="rms_norm: x must be a 2-d bf16"):
+        ops.rms_norm(x.float(), w, 1e-5)
+    with pytest.raises(RuntimeError, match="agree in D"):
+        ops.rms_norm(x, w[:4], 1e-5)
+    q, c = torch.randn(1, 2, 3, 8).bfloat16(), torch.randn(1, 1, 3, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="even D"):
+        ops.rope(q[..., :7], q[..., :7], c[..., :7], c[..., :7])
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        ops.rope(q, q, c[:, :, :2], c[:, :, :2])
+    with pytest.raises(RuntimeError, match="rope: cos must be a 4-d bf16"):
+        ops.rope(q, q, c.float(), c)
+
+
+def test_prepare_swaps_llama_norms_and_rotary(path):
+    """prepare_for_inference wraps the LLaMA family's RMSNorms and rotary where the kernels build (never
+    CodeGen2's LayerNorm), and leaves their weights in place."""
+    from codegen2.kernels.pointwise import NativeRMSNorm, NativeRotary
+
+    model = tiny_llama()
+    norms = [m.weight for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    prepare_for_inference(model, None)
+    wrapped = [m for m in model.modules() if isinstance(m, NativeRMSNorm | NativeRotary)]
+    n = len(model.layers)
+    assert len(wrapped) == (3 * n + 1 if path == "native" else 0)  # 2 norms + rotary per layer, the final norm
+    if path == "native":
+        kept = [m.reference.weight for m in wrapped if isinstance(m, NativeRMSNorm)]
+        assert len(kept) == len(norms) and all(a is b for a, b in zip(kept, norms))
+    cg = tiny_codegen2()
+    prepare_for_inference(cg, None)
+    assert not any(isinstance(m, NativeRMSNorm | NativeRotary) for m in cg.modules())
+
+
 def exact_attention(q, k, v, allowed, scale):
     """fp64 attention with grouped K/V heads: the value both paths approximate."""
     H, G = q.shape[1], k.shape[1]

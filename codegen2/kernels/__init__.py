@@ -12,7 +12,8 @@ server: ``None`` (or ``"none"``) keeps the weights as loaded, ``"int8"`` / ``"in
 int8 (per row) or int4 (per group of 32 columns; see linear.py).
 With weights as loaded, a bf16 model on a CPU whose native kernels build gets them (same math, faster); anything
 else stays plain PyTorch. Where the kernels build, attention passes of a few queries per head over a bf16 cache
-(decode) take them too, whatever the weight format (attention.py). ``CODEGEN2_KERNELS=torch`` turns the native
+(decode) take them too, whatever the weight format (attention.py), and so do the LLaMA family's RMSNorm and
+rotary embedding in bf16 (pointwise.py). ``CODEGEN2_KERNELS=torch`` turns the native
 kernels off; ``CODEGEN2_KERNEL_LEVEL`` forces a lower CPU level than the one detected (native.py).
 
 The model files never import this package; ``Engine`` never changes the model it is given.
@@ -46,6 +47,7 @@ from codegen2.kernels.native import (
     unpack_int4,
     unpack_int8,
 )
+from codegen2.kernels.pointwise import NativeRMSNorm, NativeRotary, swap_pointwise
 
 QUANTS = ("none", "int8", "int4")
 
@@ -77,8 +79,10 @@ def prepare_for_inference(model: nn.Module, quant: str | None = None) -> nn.Modu
     model._prepared_for_inference = True
     weight = model.tok_embeddings.weight
     if weight.device.type == "cpu" and kernels_available():
-        # Decode-sized attention passes over a bf16 cache; the rest stays on the model's own module.
+        # Decode-sized attention passes over a bf16 cache, and the LLaMA family's RMSNorm and rotary in bf16; the
+        # rest stays on the model's own modules.
         swap_attention(model, ops(kernel_level()))
+        swap_pointwise(model, ops(kernel_level()))
     if quant in ("int8", "int4"):
         return swap_linears(model, quant)
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels_available():
@@ -93,6 +97,8 @@ __all__ = [
     "QUANTS",
     "DecodeLinear",
     "NativeAttention",
+    "NativeRMSNorm",
+    "NativeRotary",
     "kernel_level",
     "kernels_available",
     "pack_int4",

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "CODEGEN2_KERNELS"  # "torch" forces the pure-PyTorch path
 LEVEL_VAR = "CODEGEN2_KERNEL_LEVEL"  # forces a level (at most what the CPU has)
-# One library per level from both sources: the linear layers and the attention products (a fragment of the same
-# op namespace).
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_linear.cpp", "decode_attention.cpp")]
+# One library per level from the three sources: the linear layers, the attention products and the pointwise
+# steps (each a fragment of the same op namespace).
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("decode_linear.cpp", "decode_attention.cpp", "decode_pointwise.cpp")]
 _CFLAGS = ["-O3", "-fopenmp"]
 # level -> (the /proc/cpuinfo flags it needs, its compiler flags). Every level needs AVX2 + FMA; the one used is
 # the last in this order whose flags the CPU has (avx_vnni is not part of the AVX-512 levels: CPUs with AVX-512
@@ -220,6 +221,14 @@ def _self_test(level: str) -> bool:
     s = (qa @ ka.float().repeat_interleave(2, 1).transpose(-1, -2) / 2.0).masked_fill(~ok, float("-inf"))
     ref = s.softmax(-1) @ va.float().repeat_interleave(2, 1)
     close = close and torch.allclose(att, ref, rtol=2e-2, atol=2e-2)
+    xn, wn = torch.randn(2, 20, generator=g).bfloat16(), torch.randn(20, generator=g).bfloat16()
+    hn = xn.float() * torch.rsqrt(xn.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+    close = close and torch.allclose(lib.rms_norm(xn, wn, 1e-5).float(), (wn * hn.bfloat16()).float(), rtol=2e-2,
+                                     atol=2e-2)
+    qr, kr = torch.randn(1, 3, 2, 20, generator=g).bfloat16(), torch.randn(1, 1, 2, 20, generator=g).bfloat16()
+    cr, sr = torch.randn(2, 1, 1, 2, 20, generator=g).bfloat16()
+    rot = [x * cr + torch.cat((-x[..., 10:], x[..., :10]), -1) * sr for x in (qr, kr)]
+    exact = exact and all(torch.equal(a, b) for a, b in zip(lib.rope(qr, kr, cr, sr), rot))
     return close and exact
 
 
@@ -242,6 +251,14 @@ def _register_fake(level: str) -> None:
     @torch.library.register_fake(f"{ns}::attn_decode")
     def _(q, k, v, allowed, scale, divide):
         return q.new_empty(q.shape, dtype=torch.bfloat16)
+
+    @torch.library.register_fake(f"{ns}::rms_norm")
+    def _(x, w, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(f"{ns}::rope")
+    def _(q, k, cos, sin):
+        return torch.empty_like(q), torch.empty_like(k)
 
     for op in ("dequant_int8", "dequant_int4"):
         @torch.library.register_fake(f"{ns}::{op}")

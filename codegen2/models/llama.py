@@ -83,10 +83,30 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def rms_norm_eps(self) -> float:
+        """The numerics, for a runtime that swaps this module (codegen2.kernels.pointwise): y = weight *
+        (x * rsqrt(mean(x^2) + eps)) computed in fp32, rounded to x's dtype before the weight."""
+        return self.eps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding of q (B, H, T, D) and k (B, G, T, D) with cos, sin broadcast to them (the
+    rotate_half convention of Hugging Face's Llama), in their dtype: each product and the sum rounded as torch's
+    ops round them. A module, so that an inference runtime can swap it from outside the model
+    (codegen2.kernels.pointwise)."""
+
+    def rotary_pairing(self) -> str:
+        """Which dims rotate together, for a runtime that swaps this module: "halves", x[d] with x[d + D / 2]."""
+        return "halves"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class Attention(nn.Module):
@@ -97,6 +117,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rotary = Rotary()
         self.attend = SdpaAttention(cfg.head_dim ** -0.5)  # the masked (inference) path
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
@@ -108,8 +129,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = self.rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, S, D)
         if mask is not None:
