@@ -300,16 +300,10 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 }  // namespace
 
-#ifndef CG2_OPS
-#define CG2_OPS codegen2_kernels_avx2
-#endif
-#define CG2_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-#define CG2_FRAGMENT_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
-
 CG2_FRAGMENT(CG2_OPS, m) {
   m.def("attn_decode(Tensor q, Tensor k, Tensor v, Tensor allowed, float scale, bool divide) -> Tensor");
 }
 
-CG2_FRAGMENT_IMPL(CG2_OPS, CPU, m) {
+CG2_LIBRARY_IMPL(CG2_OPS, CPU, m) {
   m.impl("attn_decode", &attn_decode);
 }

@@ -290,22 +290,29 @@ struct Bf16Kernel {
 // int8 weights against int16 activations: vpmovsxbw widens 16 weights, vpmaddwd multiplies and adds pairs into
 // 8 int32 lanes.
 
+// max |p[k]| over k < n (a multiple of 8); clears `finite` if any of them is inf or NaN.
+template <typename T>
+inline float abs_max8(const T* p, int64_t n, bool& finite) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
+  __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, load8(p + k));
+    vmax = _mm256_max_ps(vmax, a);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vmax);
+  finite &= _mm256_movemask_ps(bad) == 0;
+  return *std::max_element(lanes, lanes + 8);
+}
+
 template <typename T>
 void pack_x_int16(const T* x, int64_t M, int64_t K, int64_t Kp, int16_t* xq, float* xscale) {
   const int64_t K8 = K / 8 * 8;
-  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
   for (int64_t m = 0; m < M; ++m) {
     const T* src = x + m * K;
-    __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K8; k += 8) {
-      const __m256 a = _mm256_andnot_ps(sign, load8(src + k));
-      vmax = _mm256_max_ps(vmax, a);
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, vmax);
-    float amax = *std::max_element(lanes, lanes + 8);
-    bool finite = _mm256_movemask_ps(bad) == 0;
+    bool finite = true;
+    float amax = abs_max8(src, K8, finite);
     for (int64_t k = K8; k < K; ++k) {
       const float v = static_cast<float>(src[k]);
       finite &= std::isfinite(v);
@@ -405,7 +412,6 @@ constexpr int kGroupChunk = 32;  // int4: columns per packed chunk
 template <typename T>
 void pack_x_int8(const T* x, int64_t M, int64_t K, int64_t Kp, int64_t G, int8_t* xq, float* xs, int32_t* xc) {
   const int64_t ng = Kp / G;
-  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
   const __m256i ones16 = _mm256_set1_epi16(1);
   std::vector<float> row(Kp);
   for (int64_t m = 0; m < M; ++m) {
@@ -417,16 +423,7 @@ void pack_x_int8(const T* x, int64_t M, int64_t K, int64_t Kp, int64_t G, int8_t
     bool finite = true;
     for (int64_t g = 0; g < ng; ++g) {
       const float* rg = row.data() + g * G;
-      __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-      for (int64_t j = 0; j < G; j += 8) {
-        const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(rg + j));
-        vmax = _mm256_max_ps(vmax, a);
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
-      }
-      float lanes[8];
-      _mm256_storeu_ps(lanes, vmax);
-      const float amax = *std::max_element(lanes, lanes + 8);
-      finite &= _mm256_movemask_ps(bad) == 0;
+      const float amax = abs_max8(rg, G, finite);
       // |x * inv| <= 127 (+ rounding), so the int16 and int8 packs below never saturate finite inputs.
       const __m256 vinv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
       __m256i sum = _mm256_setzero_si256();
@@ -940,13 +937,6 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 }  // namespace
-
-// TORCH_LIBRARY pastes its namespace argument into identifiers; one more macro level expands CG2_OPS first.
-#ifndef CG2_OPS
-#define CG2_OPS codegen2_kernels_avx2
-#endif
-#define CG2_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define CG2_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 CG2_LIBRARY(CG2_OPS, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");

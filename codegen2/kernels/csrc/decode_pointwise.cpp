@@ -154,18 +154,12 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
 
 }  // namespace
 
-#ifndef CG2_OPS
-#define CG2_OPS codegen2_kernels_avx2
-#endif
-#define CG2_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-#define CG2_FRAGMENT_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
-
 CG2_FRAGMENT(CG2_OPS, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
 }
 
-CG2_FRAGMENT_IMPL(CG2_OPS, CPU, m) {
+CG2_LIBRARY_IMPL(CG2_OPS, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
 }

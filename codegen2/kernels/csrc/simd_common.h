@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 #include <c10/util/BFloat16.h>
 
 #include <immintrin.h>
@@ -35,3 +36,13 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) { return load8(reinterpret_cast<const uint16_t*>(p)); }
 
 }  // namespace
+
+// The op namespace of this build (native.py passes -DCG2_OPS=codegen2_kernels_<level>). TORCH_LIBRARY pastes its
+// namespace argument into identifiers; one more macro level expands CG2_OPS first. decode_linear.cpp defines the
+// library, the other sources add fragments to it.
+#ifndef CG2_OPS
+#define CG2_OPS codegen2_kernels_avx2
+#endif
+#define CG2_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define CG2_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define CG2_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
