@@ -737,19 +737,11 @@ void gemm_run(const Panel& pack, const float* xt, int64_t M, int64_t N, int64_t 
 // (at most N) and k < K; q * scale is formed in fp32 (exact for int4: a 4-bit q times a bf16 scale) and rounded
 // to nearest even once.
 
-// 8 fp32 -> 8 bf16, round to nearest even (the values are finite).
-inline __m128i to_bf16x8(__m256 f) {
-  const __m256i u = _mm256_castps_si256(f);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // each lane < 2^16
-}
-
 // Stores n <= 16 bf16 (two vectors of 8) at dst.
 inline void store_bf16x16(uint16_t* dst, __m256 a, __m256 b, int64_t n) {
   alignas(32) uint16_t tmp[16];
-  _mm_store_si128(reinterpret_cast<__m128i*>(tmp), to_bf16x8(a));
-  _mm_store_si128(reinterpret_cast<__m128i*>(tmp + 8), to_bf16x8(b));
+  _mm_store_si128(reinterpret_cast<__m128i*>(tmp), round_bf16x8(a));
+  _mm_store_si128(reinterpret_cast<__m128i*>(tmp + 8), round_bf16x8(b));
   std::memcpy(dst, tmp, std::min<int64_t>(16, n) * sizeof(uint16_t));
 }
 

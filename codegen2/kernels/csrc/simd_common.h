@@ -35,6 +35,17 @@ inline __m256 load8(const uint16_t* p) {
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) { return load8(reinterpret_cast<const uint16_t*>(p)); }
 
+// 8 fp32 -> 8 bf16 as c10::BFloat16(float) rounds them (torch's bf16 results): to nearest even, NaN to the
+// quiet NaN 0x7FC0.
+inline __m128i round_bf16x8(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // each lane < 2^16
+}
+
 }  // namespace
 
 // The op namespace of this build (native.py passes -DCG2_OPS=codegen2_kernels_<level>). TORCH_LIBRARY pastes its
