@@ -740,6 +740,110 @@ def test_prepare_tied_embeddings(path, mode):
         assert rel <= 0.2, rel
 
 
+@pytest.mark.parametrize("family", ["codegen2", "llama"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_fused_products_give_the_same_numbers(path, family, mode):
+    """Layers that take one input, computed as one product (LLaMA: q/k/v and gate/up; CodeGen2: qkv with fc_in),
+    give bit-identical logits to the same layers called one by one: decode over a KV cache (1 and 3 rows) and a
+    prompt of 2 x 40 rows (the GEMM). The members become ProductSlices over one DecodeLinear per group, and the
+    separate weights are freed. (Where a prompt-sized product goes to torch instead, on CPUs with a native
+    bf16 matmul, the logits need only agree within bf16 rounding: oneDNN may block the rows differently.)"""
+    from codegen2.kernels import ProductSlice
+    from codegen2.models.kv_cache import KVCache
+
+    make = tiny_codegen2 if family == "codegen2" else tiny_llama
+    quant = None if mode == "bf16" else mode
+    plain, fused = prepare_for_inference(make(), quant, fuse=False), make()
+    old = weakref.ref(fused.layers[0].feed_forward.w1.weight)
+    prepare_for_inference(fused, quant)
+    slices = [m for m in fused.modules() if isinstance(m, ProductSlice)]
+    if path == "torch":  # nothing native: nothing fused
+        assert not slices
+        return
+    groups = {"codegen2": 1, "llama": 2}[family] * fused.config.n_layers
+    assert len(slices) == {"codegen2": 2, "llama": 5}[family] * fused.config.n_layers
+    assert len({id(m.product) for m in slices}) == groups and all(m.product.mode == mode for m in slices)
+    gc.collect()
+    assert old() is None, "a fused layer's separate weight must be freed"
+    cfg = fused.config
+    tokens = torch.randint(0, cfg.vocab_size, (2, 44), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for m in (plain, fused):
+        cache = KVCache(cfg.n_layers, 2, cfg.n_kv_heads, 64, cfg.head_dim, torch.bfloat16)
+        with torch.inference_mode():
+            steps = [m(tokens[:, :40], torch.arange(40).expand(2, 40), cache)]
+            steps.append(m(tokens[:, 40:41], torch.full((2, 1), 40), cache))
+            steps.append(m(tokens[:, 41:44], torch.arange(41, 44).expand(2, 3), cache))
+        outs.append(torch.cat(steps, 1))
+    if all(m.product.path(80) == "native" for m in slices):
+        assert torch.equal(outs[0], outs[1])
+    else:
+        torch.testing.assert_close(outs[1], outs[0], rtol=0.02, atol=0.02)
+
+
+def test_product_slices_are_right_in_any_order_and_thread():
+    """A member called alone, out of order, or with another input than the one its group last saw computes its
+    own columns correctly (the group's product is keyed by the input tensor, per thread)."""
+    import threading
+
+    from codegen2.kernels import ProductSlice, fuse_shared_input_linears
+
+    if not kernels_available():
+        pytest.skip("native kernels unavailable on this machine")
+    model = tiny_llama()
+    attn = model.layers[0].attention
+    want = [lin.weight.detach().float() for lin in (attn.wq, attn.wk, attn.wv)]
+    swap_linears(model, "bf16")
+    assert fuse_shared_input_linears(model) == 2 * model.config.n_layers
+    assert fuse_shared_input_linears(model) == 0  # already fused: nothing left to do
+    members = [attn.wq, attn.wk, attn.wv]
+    assert all(isinstance(m, ProductSlice) for m in members)
+    x1, x2 = (torch.randn(3, 64, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (1, 2))
+
+    def check(member: int, x: torch.Tensor) -> None:
+        ref = x.float() @ want[member].T
+        assert float((members[member](x).float() - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+    with torch.inference_mode():
+        for member, x in ((2, x1), (0, x2), (0, x1), (1, x1), (2, x2), (1, x2), (1, x2)):
+            check(member, x)
+        errors = []
+
+        def worker(x: torch.Tensor) -> None:
+            try:
+                for _ in range(50):
+                    for member in (0, 1, 2):
+                        check(member, x)
+            except AssertionError as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(x,)) for x in (x1, x2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+def test_fusion_keeps_adapted_and_mixed_groups_apart():
+    """A group with a LoRA-wrapped member, or with members of different formats, stays as separate layers."""
+    from codegen2.kernels import ProductSlice, fuse_shared_input_linears
+    from codegen2.models.lora import add_lora
+
+    if not kernels_available():
+        pytest.skip("native kernels unavailable on this machine")
+    model = add_lora(tiny_llama(), rank=2, alpha=2.0, targets=["wq"])
+    swap_linears(model, "bf16")
+    ffn = model.layers[0].feed_forward
+    ffn.w3 = DecodeLinear.from_linear(nn.Linear(64, 176).bfloat16(), "int8")
+    assert fuse_shared_input_linears(model) == 1  # layer 1's gate/up only
+    assert not any(isinstance(m, ProductSlice) for m in model.layers[0].modules())
+    assert isinstance(model.layers[1].feed_forward.w1, ProductSlice)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        DecodeLinear.cat([DecodeLinear.from_linear(nn.Linear(8, 6).bfloat16()),
+                          DecodeLinear.from_linear(nn.Linear(8, 4).bfloat16())])
+
+
 def test_prepare_rejects_unknown_formats_and_a_second_preparation():
     with pytest.raises(ValueError, match="quant must be one of none, int8, int4"):
         prepare_for_inference(tiny_codegen2(), "int3")

@@ -13,7 +13,8 @@ int8 (per row) or int4 (per group of 32 columns; see linear.py).
 With weights as loaded, a bf16 model on a CPU whose native kernels build gets them (same math, faster); anything
 else stays plain PyTorch. Where the kernels build, attention passes of a few queries per head over a bf16 cache
 (decode) take them too, whatever the weight format (attention.py), and so do the LLaMA family's RMSNorm and
-rotary embedding in bf16 (pointwise.py). ``CODEGEN2_KERNELS=torch`` turns the native
+rotary embedding in bf16 (pointwise.py). Native layers that read one input (LLaMA's q/k/v and gate/up, CodeGen2's
+qkv with fc_in) then run as one product each, with the same numbers (linear.py: fuse_shared_input_linears). ``CODEGEN2_KERNELS=torch`` turns the native
 kernels off; ``CODEGEN2_KERNEL_LEVEL`` forces a lower CPU level than the one detected (native.py).
 
 The model files never import this package; ``Engine`` never changes the model it is given.
@@ -30,6 +31,8 @@ from torch import nn
 from codegen2.kernels.attention import NativeAttention, swap_attention
 from codegen2.kernels.linear import (
     DecodeLinear,
+    ProductSlice,
+    fuse_shared_input_linears,
     quantize_int4,
     quantize_int8,
     swap_linears,
@@ -66,10 +69,11 @@ def quantizer(quant: str | None) -> Callable[[nn.Module], nn.Module] | None:
     return None if quant == "none" else functools.partial(swap_linears, mode=quant)
 
 
-def prepare_for_inference(model: nn.Module, quant: str | None = None) -> nn.Module:
+def prepare_for_inference(model: nn.Module, quant: str | None = None, fuse: bool = True) -> nn.Module:
     """Apply the weight format ``quant`` (None / "none", "int8" or "int4") and the native kernels to ``model`` in
     place; return it. A model already prepared is refused, so weights are never quantized twice; blocks already
-    quantized to ``quant`` while loading (``quantizer``) are kept."""
+    quantized to ``quant`` while loading (``quantizer``) are kept. ``fuse``: native layers that take one input
+    become one product (fuse_shared_input_linears: same numbers, fewer calls; off only to measure it)."""
     quant = _check(quant)
     if getattr(model, "_prepared_for_inference", False):
         raise ValueError("this model was already prepared for inference")
@@ -84,9 +88,11 @@ def prepare_for_inference(model: nn.Module, quant: str | None = None) -> nn.Modu
         swap_attention(model, ops(kernel_level()))
         swap_pointwise(model, ops(kernel_level()))
     if quant in ("int8", "int4"):
-        return swap_linears(model, quant)
-    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels_available():
-        return swap_linears(model, "bf16")
+        swap_linears(model, quant)
+    elif weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels_available():
+        swap_linears(model, "bf16")
+    if fuse:
+        fuse_shared_input_linears(model)  # only native layers; after any adapter (it keeps a wrapped group)
     return model
 
 
@@ -99,6 +105,8 @@ __all__ = [
     "NativeAttention",
     "NativeRMSNorm",
     "NativeRotary",
+    "ProductSlice",
+    "fuse_shared_input_linears",
     "kernel_level",
     "kernels_available",
     "pack_int4",

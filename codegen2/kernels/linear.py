@@ -34,6 +34,8 @@ general GEMM library.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,16 +115,22 @@ class DecodeLinear(nn.Module):
         super().__init__()
         if (weight.dtype == torch.int8) != (scale is not None):
             raise ValueError("an int8/int4 weight needs its scales, and only such a weight takes them")
-        self.out_features, self.in_features = weight.shape
-        self.mode = "bf16" if scale is None else "int8" if group_size is None else "int4"
-        self.group_size = group_size
-        if self.mode == "int8":
+        N, K = weight.shape
+        mode = "bf16" if scale is None else "int8" if group_size is None else "int4"
+        if mode == "int8":
             weight = pack_int8(weight)
             scale = scale.float().contiguous()
-        elif self.mode == "int4":
+        elif mode == "int4":
             weight, scale = pack_int4(weight, scale.to(torch.bfloat16), group_size)
         elif not weight.is_contiguous():  # the kernel streams rows; a transposed view would need a copy per call
             weight = weight.contiguous()
+        self._set(mode, weight, scale, bias, group_size, N, K)
+
+    def _set(self, mode: str, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+             group_size: int | None, out_features: int, in_features: int) -> None:
+        """Take the weight in its kernel layout (bf16 (N, K); int8 / int4 packed, see pack_int8 / pack_int4)."""
+        self.out_features, self.in_features = out_features, in_features
+        self.mode, self.group_size = mode, group_size
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -133,6 +141,35 @@ class DecodeLinear(nn.Module):
         self._ops = ops(self.level) if self.native else None
         self.native_max_m = native_bf16_max_m() if self.mode == "bf16" else None  # None: any M
         self.dequant_min_m = native_dequant_min_m() if self.mode != "bf16" and self.native else None  # None: never
+
+    @classmethod
+    def cat(cls, layers: list[DecodeLinear]) -> DecodeLinear:
+        """One layer whose output rows are those of ``layers`` in turn (their weights, scales and biases
+        concatenated; the packed formats as they are, so nothing is re-quantized). On our kernels every row is
+        then computed as it was: their result for a row depends on its weight row and x only, and the packed
+        blocks of 4 rows stay whole because each layer but the last must have a multiple of 4 rows. (Products
+        that go to torch's F.linear, prompt-sized ones on CPUs with a native bf16 matmul, see ``path``, may round
+        differently as N changes.) A layer without a bias gets -0.0 for it, which leaves every sum as it is
+        (v + -0.0 == v, -0.0 included)."""
+        first = layers[0]
+        for layer in layers:
+            if (layer.mode, layer.in_features, layer.group_size, layer.native, layer.level) != (
+                    first.mode, first.in_features, first.group_size, first.native, first.level):
+                raise ValueError("only layers of one format, input size and kernel can be concatenated")
+        if any(layer.out_features % PACK_ROWS for layer in layers[:-1]):
+            raise ValueError(f"every layer but the last must have a multiple of {PACK_ROWS} output rows")
+        weight = torch.cat([layer.weight.detach() for layer in layers])
+        scale = None if first.scale is None else torch.cat([layer.scale for layer in layers])
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            dtype = next(layer.bias.dtype for layer in layers if layer.bias is not None)
+            bias = torch.cat([torch.full((layer.out_features,), -0.0, dtype=dtype, device=weight.device)
+                              if layer.bias is None else layer.bias.detach().to(dtype) for layer in layers])
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._set(first.mode, weight, scale, bias, first.group_size, sum(layer.out_features for layer in layers),
+                   first.in_features)
+        return fused
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "bf16") -> DecodeLinear:
@@ -239,3 +276,80 @@ def swap_linears(model: nn.Module, mode: str) -> nn.Module:
                 done[id(child)] = DecodeLinear.from_linear(child, mode)
             setattr(parent, name, done[id(child)])
     return model
+
+
+class _SharedProduct:
+    """The product of a fused group for the last input it was called with, per thread: each member takes its
+    columns of it, and the product is dropped once every member has (so it lives from the group's first call to
+    its last, e.g. across the attention of a CodeGen2 block)."""
+
+    def __init__(self, layer: DecodeLinear, members: int) -> None:
+        self.layer, self.members = layer, members
+        self._local = threading.local()  # one request's tensors are never seen by another thread's model call
+
+    def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        state = self._local
+        if getattr(state, "x", None) is not x:  # a new input (or another order of calls): compute it now
+            state.x, state.y, state.taken = x, self.layer(x), set()
+        y = state.y
+        state.taken.add(member)
+        if len(state.taken) == self.members:
+            state.x = state.y = None
+        return y
+
+
+class ProductSlice(nn.Module):
+    """Stands in for one Linear of a fused group: columns start .. stop of the group's one product."""
+
+    def __init__(self, shared: _SharedProduct, member: int, start: int, stop: int) -> None:
+        super().__init__()
+        self.product = shared.layer  # a submodule of every member; model.modules() lists it once
+        self._shared = shared
+        self.member, self.start, self.stop = member, start, stop
+        self.in_features, self.out_features = shared.layer.in_features, stop - start
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.stop} of the product"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., stop - start), a view into the group's product (last dim contiguous)."""
+        return self._shared.output(x, self.member)[..., self.start : self.stop]
+
+
+def fuse_shared_input_linears(model: nn.Module) -> int:
+    """Compute each group of layers that take one input as one product, in place; return the number of groups.
+
+    Why: a decode step calls every linear layer once, and each call costs its start (threads woken, the first
+    rows' memory latency, the slowest thread's tail) besides streaming its weight. Measured on Zen 3 (2 threads,
+    bf16, M = 1, GB/s): 2048x2048 20.6, 6144x2048 22.7; so LLaMA's q, k, v (and gate, up) and CodeGen2's qkv and
+    fc_in (both read the block's one LayerNorm output) run faster as one layer, with the same numbers
+    (DecodeLinear.cat).
+
+    The contract with the models (which this package does not import): a module offers
+    ``shared_input_linears()``, groups of dotted names of its submodules, each applied to the same tensor,
+    unchanged, within one forward. A group is fused only when all of its layers are DecodeLinear of one format
+    and kernel, native, with row counts DecodeLinear.cat takes (a LoRA-wrapped layer, for one, keeps its group as
+    it is). Each member becomes a ProductSlice; the first member called computes the whole product.
+    """
+    fused = 0
+    for module in list(model.modules()):
+        groups = getattr(module, "shared_input_linears", None)
+        if not callable(groups):
+            continue
+        for names in groups():
+            layers = [module.get_submodule(name) for name in names]
+            if len(layers) < 2 or not all(type(m) is DecodeLinear and m.native for m in layers):
+                continue
+            try:
+                layer = DecodeLinear.cat(layers)
+            except ValueError:  # mixed formats or row counts: leave the group as it is
+                continue
+            shared = _SharedProduct(layer, len(layers))
+            start = 0
+            for member, (name, old) in enumerate(zip(names, layers)):
+                parent_name, _, child = name.rpartition(".")
+                parent = module.get_submodule(parent_name) if parent_name else module
+                setattr(parent, child, ProductSlice(shared, member, start, start + old.out_features))
+                start += old.out_features
+            fused += 1
+    return fused

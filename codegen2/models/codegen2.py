@@ -147,6 +147,11 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg)
 
+    def shared_input_linears(self) -> tuple[tuple[str, ...], ...]:
+        """For a runtime that may compute them as one product (codegen2.kernels.linear): forward applies the
+        attention's wqkv and the MLP's w1 (fc_in) to the same LayerNorm output, unchanged."""
+        return (("attention.wqkv", "feed_forward.w1"),)
+
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerCache | None) -> torch.Tensor:
         h = self.norm(x)

@@ -120,6 +120,11 @@ class Attention(nn.Module):
         self.rotary = Rotary()
         self.attend = SdpaAttention(cfg.head_dim ** -0.5)  # the masked (inference) path
 
+    def shared_input_linears(self) -> tuple[tuple[str, ...], ...]:
+        """For a runtime that may compute them as one product (codegen2.kernels.linear): forward applies wq, wk
+        and wv to the same x, unchanged."""
+        return (("wq", "wk", "wv"),)
+
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerCache | None) -> torch.Tensor:
         """x (B, T, dim); sin, cos (B, 1, T, D) or (T, D); mask (B, 1, T, S) bool, or None for plain causal
@@ -147,6 +152,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
+
+    def shared_input_linears(self) -> tuple[tuple[str, ...], ...]:
+        """forward applies w1 and w3 to the same x, unchanged (see Attention.shared_input_linears)."""
+        return (("w1", "w3"),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
