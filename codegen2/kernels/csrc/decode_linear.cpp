@@ -15,9 +15,13 @@
 //   vpaddd; the integer results are identical (no lane can overflow, see the bounds below).
 // - avx512 and up (CG2_ZMM): the small-M bf16 kernels work on 64-byte loads in 512-bit registers (32 weights per
 //   step), half the instructions per byte of weight. Measured on Zen 5 (2 threads, 8192 x 2048, M = 1, the same
-//   process): 26-29 GB/s (avx2) -> 29-46 GB/s. int8 stays 256-bit: it already streams at ~39 GB/s there, the
-//   machine's read bandwidth. int4 runs the same 256-bit code at every level (int4_block says why), so its
-//   results are bit-identical everywhere.
+//   process): 26-29 GB/s (avx2) -> 29-46 GB/s. The int8 and int4 kernels also take 512-bit registers there
+//   (a chunk's 4 rows per load) and 8 tokens per pass instead of 2: at M = 1 they stream about as fast as the
+//   256-bit code (both near the read bandwidth), at M = 4-16 (batched decode, speculative verification) 1.4-2.3x
+//   faster (int4 M = 16: 3.4-3.9 -> 7.2-8.3 GB/s, int8 7-8 -> 11-13 GB/s; Zen 5, 2 threads). The integer dot
+//   products are the same in every lane, so int8 and int4 results are bit-identical at every level.
+// - avx_vnni / avx512_vnni also do the int4 kernel's unsigned x signed byte products in vpdpbusd (4 products
+//   summed into int32 in one instruction) instead of vpmaddubsw + vpaddw + vpmaddwd + vpaddd; same integers.
 // - avx512_bf16: bf16 products with bf16 x use vdpbf16ps (bf16_tile_dp): 33-44 GB/s against 29-34 for the
 //   512-bit FMA kernel, interleaved in one process on Zen 5; also ahead of oneDNN up to 16 rows (M = 16: 17-20
 //   against 15-19 GB/s). Three products and two dequantizations:
@@ -69,6 +73,10 @@ constexpr int kRows = 4;     // output rows per block: 4 weight streams (bf16) /
 constexpr int kTok = 2;      // tokens per micro-kernel pass (measured best; 3 runs out of the 16 ymm registers)
 constexpr int kChunk = 16;   // K elements per vector step
 constexpr int kFlush = 128;  // int8: chunks summed in int32 before moving to fp32 (overflow note at int8_block)
+// int8 / int4 with 512-bit registers (32 of them): tokens per pass. Measured on Zen 5 (2 threads, GB/s of
+// weights, 1B shapes, interleaved in one process), 2 / 4 / 8 tokens: int4 M = 4 20.7 / 28.1 / 28.1, M = 16 6.4 /
+// 6.8 / 8.2; int8 M = 4 24.7 / 34.4 / 33.8, M = 16 9.7 / 11.0 / 12.1; M = 1 and 2 unchanged.
+constexpr int kTokZmm = 8;
 constexpr int kPrefetch = 1024;  // int8 / int4: software prefetch distance in bytes (int8 +~10% measured)
 
 // acc + the pairwise int16 products of a and b, summed per int32 lane. Same integers on every level (our
@@ -262,6 +270,7 @@ inline void bf16_tile_dp(const uint16_t* w, int64_t K, const uint16_t* x, float*
 #endif
 
 struct Bf16Kernel {
+  static constexpr int kTokens = kTok;
   const uint16_t* w;  // (N, K) row-major
   const float* xf;    // (M, Kp) in even/odd chunk order (FMA path)
   const uint16_t* xb; // (M, K) bf16 as given (vdpbf16ps path), else null
@@ -339,6 +348,49 @@ void pack_x_int16(const T* x, int64_t M, int64_t K, int64_t Kp, int16_t* xq, flo
   }
 }
 
+#ifdef CG2_ZMM
+inline __m512i dot_add(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+// 512-bit: rows r and r + 1 of a chunk are 32 contiguous bytes, widened into one register (lanes 0-7 row r, 8-15
+// row r + 1) against the token's 16 int16 x in both halves: half the loads, widenings and dot products per byte of
+// the 256-bit code below. Lane for lane the same integers, the same fp32 flushes and the same final sums (hsum
+// of each half), so the same bits at every level. Overflow as below.
+template <int MB>
+inline void int8_block(const int8_t* w, int64_t nc, const int16_t* xq, int64_t Kp, float* out) {
+  __m512 facc[MB][2];
+  for (int m = 0; m < MB; ++m) facc[m][0] = facc[m][1] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < nc; c0 += kFlush) {
+    const int64_t c1 = std::min(nc, c0 + kFlush);
+    __m512i iacc[MB][2];
+    for (int m = 0; m < MB; ++m) iacc[m][0] = iacc[m][1] = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * kRows * kChunk + kPrefetch), _MM_HINT_T0);
+      __m512i v[2];
+      for (int h = 0; h < 2; ++h)
+        v[h] = _mm512_cvtepi8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (c * kRows + 2 * h) * kChunk)));
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xv = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + c * kChunk)));
+        for (int h = 0; h < 2; ++h) iacc[m][h] = dot_add(iacc[m][h], v[h], xv);
+      }
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int h = 0; h < 2; ++h) facc[m][h] = _mm512_add_ps(facc[m][h], _mm512_cvtepi32_ps(iacc[m][h]));
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int h = 0; h < 2; ++h) {
+      out[m * kRows + 2 * h] = hsum(_mm512_castps512_ps256(facc[m][h]));
+      out[m * kRows + 2 * h + 1] = hsum(_mm512_extractf32x8_ps(facc[m][h], 1));
+    }
+}
+#else
 // out[m * kRows + r] for one packed block of 4 rows (zero padded, so no tails). Overflow: a vpmaddwd lane is at
 // most 2 * 127 * 32768 < 2^23, so kFlush = 128 chunks stay below 2^30 before moving into fp32.
 template <int MB>
@@ -369,8 +421,14 @@ inline void int8_block(const int8_t* w, int64_t nc, const int16_t* xq, int64_t K
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < kRows; ++r) out[m * kRows + r] = hsum(facc[m][r]);
 }
+#endif  // CG2_ZMM
 
 struct Int8Kernel {
+#ifdef CG2_ZMM
+  static constexpr int kTokens = kTokZmm;
+#else
+  static constexpr int kTokens = kTok;
+#endif
   const int8_t* w;     // packed (Nb, Kp / 16, 4, 16)
   const int16_t* xq;   // (M, Kp)
   int64_t Kp;
@@ -392,18 +450,16 @@ struct Int8Kernel {
 // activations needed ~36 (two widenings, a subtraction of 8 per 16 weights and 4 vpmaddwd). Measured on Zen 3
 // (AVX2, 2 threads, M = 1, GB/s of packed int4, in alternate processes): see kGemmMinRowsInt4 and the README.
 // Numbers: the integer group sums are exact (|sum| <= 256 * 15 * 127 < 2^24, so also exact in fp32); per group
-// and token they are scaled by fp32(w_scale * x_scale) with one FMA into fp32 lanes; every level runs this same
-// code (the 512-bit and VNNI levels included), so every level gives bit-identical results. A 512-bit version
-// (all 4 rows per load) and vpdpbusd (AVX512-VNNI / AVX-VNNI: u8 x s8 products summed by 4 into int32, the same
-// integers in one instruction) are the obvious next steps; they were not written on an AVX2-only machine, where
-// they could not have been run or measured. The int16-activation kernel this replaced had a 512-bit version:
-// on Zen 5 34 GB/s at M = 1 against 24 for its avx2 build (not measured against this one yet).
+// and token they are scaled by fp32(w_scale * x_scale) with one FMA into fp32 lanes; the same fp32
+// steps in every lane at every level (the 512-bit version below keeps the lanes of this one; dot_u4 gives the
+// same integers with or without VNNI), so every level gives bit-identical results.
 //
 // x per token (pack_x_int8): the int8 values of chunk c as 64 bytes [x0..15 | x0..15 | x16..31 | x16..31], so
 // that each 32-byte half lines up with a 32-byte load of two rows' bytes (row r's low nibbles are columns 0-15,
 // its high nibbles 16-31); one fp32 scale and one 8 * sum(q) per group.
 
 constexpr int kGroupChunk = 32;  // int4: columns per packed chunk
+
 
 // Quantize each row of x to int8 per group of G columns (max|x_group| / 127, round to nearest even): xq (M,
 // 2 Kp) bytes in the layout above, xs (M, Kp / G) scales, xc (M, Kp / G) = 8 * sum of the group's int8 values.
@@ -449,12 +505,93 @@ void pack_x_int8(const T* x, int64_t M, int64_t K, int64_t Kp, int64_t G, int8_t
   }
 }
 
+// Each 32-bit lane: acc + the sum of the 4 products of its unsigned bytes of lo with the signed bytes of xl, plus
+// the same of hi and xh. The VNNI levels do it in two vpdpbusd; the others in vpmaddubsw (pairs into int16; our
+// sums stay below 7620, no saturation), an int16 add and vpmaddwd by ones. The integers are the same either way
+// (exact, no lane can overflow), so every level gives bit-identical results.
+inline __m256i dot_u4(__m256i acc, __m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, xl), hi, xh);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, xl), hi, xh);
+#else
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+}
+
+#ifdef CG2_ZMM
+inline __m512i dot_u4(__m512i acc, __m512i lo, __m512i xl, __m512i hi, __m512i xh) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, xl), hi, xh);
+#else
+  const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xl), _mm512_maddubs_epi16(hi, xh));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+#endif
+}
+
+// out[m * kRows + r] for one packed block of 4 rows and MB tokens, 512-bit: one load holds a chunk's 4 rows,
+// lanes 4r .. 4r + 3 are row r, lane l of a row sums the products of the row's bytes 4l .. 4l + 3 (with the
+// 16-byte x halves broadcast to the 4 rows): the same integers in the same lanes as the 256-bit code below, and
+// the same fp32 steps per lane and the same final sums, so the same bits. Measured: the top of this file.
+template <int MB>
+inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg, const int8_t* xq,
+                       int64_t xstride, const float* xs, const int32_t* xc, int64_t sstride, float* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __mmask16 lane0 = 0x1111;  // where each row's 8 * sum(x) comes off
+  const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i four = _mm512_set1_epi32(4);
+  __m512 facc[MB];
+  for (int m = 0; m < MB; ++m) facc[m] = _mm512_setzero_ps();
+  // The scales of 4 groups at a time (16 bf16, contiguous: (groups, 4 rows)) become fp32 in one step; each
+  // group takes its row's scale into the row's 4 lanes with one permute. At G = 32 (a group per chunk) the
+  // per-group steps are most of the work (cache-resident 1024 x 2048, 1 thread, Zen 5: 3.1 -> 1.8 ns per chunk).
+  // Only a short last load is masked: a masked load every 4 groups cost ~15% streaming from memory there.
+  __m512 s16 = _mm512_setzero_ps();
+  __m512i sel = pick;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    if (g % 4 == 0) {
+      const __m256i raw = ngroups - g >= 4
+          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + g * kRows))
+          : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (4 * (ngroups - g))) - 1), scale + g * kRows);
+      s16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      sel = pick;
+    }
+    const __m512 sw = _mm512_permutexvar_ps(sel, s16);
+    sel = _mm512_add_epi32(sel, four);
+    // Each row's integer sum starts at -8 * sum(x) of the group (in its first lane): the sum of q x, exactly.
+    __m512i iacc[MB];
+    for (int m = 0; m < MB; ++m) iacc[m] = _mm512_maskz_set1_epi32(lane0, -xc[m * sstride + g]);
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* wc = w + c * kRows * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(wc);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = xq + m * xstride + c * 64;
+        const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xm)));
+        const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xm + 32)));
+        iacc[m] = dot_u4(iacc[m], lo, xl, hi, xh);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 sx = _mm512_set1_ps(xs[m * sstride + g]);
+      facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_mul_ps(sw, sx), facc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float a[16];
+    _mm512_storeu_ps(a, facc[m]);
+    for (int r = 0; r < kRows; ++r) out[m * kRows + r] = (a[4 * r] + a[4 * r + 1]) + (a[4 * r + 2] + a[4 * r + 3]);
+  }
+}
+#else
 // out[m * kRows + r] for one packed block of 4 rows and MB tokens. Lanes: acc[m][0] holds rows 0 (lanes 0-3)
 // and 1 (lanes 4-7), acc[m][1] rows 2 and 3; lane l of a row sums the products of the row's bytes 4l .. 4l + 3.
 template <int MB>
 inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups, int64_t cpg, const int8_t* xq,
                        int64_t xstride, const float* xs, const int32_t* xc, int64_t sstride, float* out) {
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i lane0 = _mm256_setr_epi32(-1, 0, 0, 0, -1, 0, 0, 0);  // where each row's 8 * sum(x) comes off
   const __m256i pick0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), pick1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
   __m256 facc[MB][2];
@@ -475,10 +612,7 @@ inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups,
         const int8_t* xm = xq + m * xstride + c * 64;
         const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
         const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
-        for (int h = 0; h < 2; ++h) {
-          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh));
-          iacc[m][h] = _mm256_add_epi32(iacc[m][h], _mm256_madd_epi16(p, ones));
-        }
+        for (int h = 0; h < 2; ++h) iacc[m][h] = dot_u4(iacc[m][h], lo[h], xl, hi[h], xh);
       }
     }
     // The block's 4 scales of this group as fp32, then [s0 x 4 | s1 x 4] and [s2 x 4 | s3 x 4].
@@ -503,7 +637,14 @@ inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups,
     }
 }
 
+#endif  // CG2_ZMM
+
 struct Int4Kernel {
+#ifdef CG2_ZMM
+  static constexpr int kTokens = kTokZmm;
+#else
+  static constexpr int kTokens = kTok;
+#endif
   const uint8_t* w;        // packed (Nb, Kp / 32, 4, 16)
   const uint16_t* scale;   // bf16 (Nb, ngroups, 4)
   const int8_t* xq;        // (M, 2 Kp), see pack_x_int8
@@ -523,6 +664,15 @@ struct Int4Kernel {
 // Driver shared by all weight types: split the row blocks over threads; for each block run the tokens in
 // pairs (the block's weights stay in L1/L2 between pairs), then scale, add the bias and store.
 
+// kernel.block<mb> for a pass of 1 <= mb <= T tokens.
+template <int T, typename Kernel>
+inline void block_of(const Kernel& kernel, int mb, int64_t b, int64_t m0, float* out) {
+  if constexpr (T > 1) {
+    if (mb < T) return block_of<T - 1>(kernel, mb, b, m0, out);
+  }
+  kernel.template block<T>(b, m0, out);
+}
+
 template <typename OutT, typename Kernel>
 void run_blocks(const Kernel& kernel, int64_t M, int64_t N, int64_t K, int64_t weight_bytes, OutT* y,
                 const float* bias, const float* row_scale, const float* tok_scale) {
@@ -530,17 +680,14 @@ void run_blocks(const Kernel& kernel, int64_t M, int64_t N, int64_t K, int64_t w
   // At least ~64 KiB of weights per task, so that tiny layers are not split across threads.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, kRows * K * weight_bytes));
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    float out[kTok * kRows];
+    constexpr int T = Kernel::kTokens;
+    float out[T * kRows];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kRows;
       const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
-      for (int64_t m0 = 0; m0 < M; m0 += kTok) {
-        const int mb = static_cast<int>(std::min<int64_t>(kTok, M - m0));
-        if (mb == 1) {
-          kernel.template block<1>(b, m0, out);
-        } else {
-          kernel.template block<kTok>(b, m0, out);
-        }
+      for (int64_t m0 = 0; m0 < M; m0 += T) {
+        const int mb = static_cast<int>(std::min<int64_t>(T, M - m0));
+        block_of<T>(kernel, mb, b, m0, out);
         for (int m = 0; m < mb; ++m) {
           for (int r = 0; r < rows; ++r) {
             const int64_t n = n0 + r;
@@ -737,13 +884,29 @@ void gemm_run(const Panel& pack, const float* xt, int64_t M, int64_t N, int64_t 
 // (at most N) and k < K; q * scale is formed in fp32 (exact for int4: a 4-bit q times a bf16 scale) and rounded
 // to nearest even once.
 
-// Stores n <= 16 bf16 (two vectors of 8) at dst.
+// Rounds 16 fp32 (q * scale of 16 consecutive columns: two vectors of 8, or one of 16) to bf16 and stores the
+// first min(n, 16) at dst.
 inline void store_bf16x16(uint16_t* dst, __m256 a, __m256 b, int64_t n) {
+  if (n >= 16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), round_bf16x8(a));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8), round_bf16x8(b));
+    return;
+  }
   alignas(32) uint16_t tmp[16];
   _mm_store_si128(reinterpret_cast<__m128i*>(tmp), round_bf16x8(a));
   _mm_store_si128(reinterpret_cast<__m128i*>(tmp + 8), round_bf16x8(b));
-  std::memcpy(dst, tmp, std::min<int64_t>(16, n) * sizeof(uint16_t));
+  std::memcpy(dst, tmp, std::max<int64_t>(0, n) * sizeof(uint16_t));
 }
+#ifdef CG2_ZMM
+inline void store_bf16x16(uint16_t* dst, __m512 f, int64_t n) {
+  const __m256i r = round_bf16x16(f);
+  if (n >= 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), r);
+  } else if (n > 0) {
+    _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), r);
+  }
+}
+#endif
 
 at::Tensor dequant_int8(const at::Tensor& w, const at::Tensor& scale, int64_t b0, int64_t b1, int64_t N,
                         int64_t K) {
@@ -758,14 +921,21 @@ at::Tensor dequant_int8(const at::Tensor& w, const at::Tensor& scale, int64_t b0
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t n = r0; n < r1; ++n) {
+#ifndef CG2_ZMM
       const __m256 s = _mm256_set1_ps(sp[n]);
+#endif
       const int8_t* src = wp + ((n / kRows) * Kc * kRows + n % kRows) * kChunk;
       uint16_t* dst = op + (n - n0) * K;
       for (int64_t c = 0; c * kChunk < K; ++c, src += kRows * kChunk) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+#ifdef CG2_ZMM
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), _mm512_set1_ps(sp[n]));
+        store_bf16x16(dst + c * kChunk, f, K - c * kChunk);
+#else
         const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s);
         const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s);
         store_bf16x16(dst + c * kChunk, lo, hi, K - c * kChunk);
+#endif
       }
     }
   });
@@ -789,22 +959,33 @@ at::Tensor dequant_int4(const at::Tensor& w, const at::Tensor& scale, int64_t b0
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
     const __m128i low = _mm_set1_epi8(0x0F);
-    const __m256i eight = _mm256_set1_epi32(8);
     for (int64_t n = r0; n < r1; ++n) {
       const int64_t b = n / kRows, r = n % kRows;
       const uint8_t* src = wp + (b * Kc * kRows + r) * 16;
       uint16_t* dst = op + (n - n0) * K;
       for (int64_t c = 0; c * kGroupChunk < K; ++c, src += kRows * 16) {
-        const __m256 s = _mm256_set1_ps(bf16_to_float(sp[(b * ngroups + c / cpg) * kRows + r]));
+        const float sf = bf16_to_float(sp[(b * ngroups + c / cpg) * kRows + r]);
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
         const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+        const int64_t k = c * kGroupChunk;
+#ifdef CG2_ZMM
+        const __m512 s16 = _mm512_set1_ps(sf);
+        const __m512i eight16 = _mm512_set1_epi32(8);
+        const __m128i halves[2] = {lo, hi};  // columns 0-15, 16-31
+        for (int j = 0; j < 2; ++j) {
+          const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(halves[j]), eight16);
+          store_bf16x16(dst + k + 16 * j, _mm512_mul_ps(_mm512_cvtepi32_ps(q), s16), K - k - 16 * j);
+        }
+#else
+        const __m256 s = _mm256_set1_ps(sf);
+        const __m256i eight = _mm256_set1_epi32(8);
         const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};  // columns 0-7 .. 24-31
         __m256 f[4];
         for (int j = 0; j < 4; ++j)
           f[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[j]), eight)), s);
-        const int64_t k = c * kGroupChunk;
         store_bf16x16(dst + k, f[0], f[1], K - k);
-        if (k + 16 < K) store_bf16x16(dst + k + 16, f[2], f[3], K - k - 16);
+        store_bf16x16(dst + k + 16, f[2], f[3], K - k - 16);
+#endif
       }
     }
   });

@@ -46,6 +46,17 @@ inline __m128i round_bf16x8(__m256 f) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // each lane < 2^16
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// The same rounding of 16 fp32.
+inline __m256i round_bf16x16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
 }  // namespace
 
 // The op namespace of this build (native.py passes -DCG2_OPS=codegen2_kernels_<level>). TORCH_LIBRARY pastes its
