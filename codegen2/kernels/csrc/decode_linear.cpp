@@ -73,10 +73,6 @@ constexpr int kRows = 4;     // output rows per block: 4 weight streams (bf16) /
 constexpr int kTok = 2;      // tokens per micro-kernel pass (measured best; 3 runs out of the 16 ymm registers)
 constexpr int kChunk = 16;   // K elements per vector step
 constexpr int kFlush = 128;  // int8: chunks summed in int32 before moving to fp32 (overflow note at int8_block)
-// int8 / int4 with 512-bit registers (32 of them): tokens per pass. Measured on Zen 5 (2 threads, GB/s of
-// weights, 1B shapes, interleaved in one process), 2 / 4 / 8 tokens: int4 M = 4 20.7 / 28.1 / 28.1, M = 16 6.4 /
-// 6.8 / 8.2; int8 M = 4 24.7 / 34.4 / 33.8, M = 16 9.7 / 11.0 / 12.1; M = 1 and 2 unchanged.
-constexpr int kTokZmm = 8;
 constexpr int kPrefetch = 1024;  // int8 / int4: software prefetch distance in bytes (int8 +~10% measured)
 
 // acc + the pairwise int16 products of a and b, summed per int32 lane. Same integers on every level (our
@@ -102,6 +98,15 @@ inline __m256i dot_add(__m256i acc, __m256i a, __m256i b) {
 constexpr int kBf16Chunk = 32;
 #else
 constexpr int kBf16Chunk = kChunk;
+#endif
+
+// int8 / int4: tokens per pass. With 512-bit registers (32 of them) 8; measured on Zen 5 (2 threads, GB/s of
+// weights, 1B shapes, interleaved in one process), 2 / 4 / 8 tokens: int4 M = 4 20.7 / 28.1 / 28.1, M = 16 6.4 /
+// 6.8 / 8.2; int8 M = 4 24.7 / 34.4 / 33.8, M = 16 9.7 / 11.0 / 12.1; M = 1 and 2 unchanged.
+#ifdef CG2_ZMM
+constexpr int kTokInt = 8;
+#else
+constexpr int kTokInt = kTok;
 #endif
 
 inline int eo_pos(int j) { return (j & 1) * (kBf16Chunk / 2) + (j >> 1); }  // where element j of a chunk goes
@@ -424,11 +429,7 @@ inline void int8_block(const int8_t* w, int64_t nc, const int16_t* xq, int64_t K
 #endif  // CG2_ZMM
 
 struct Int8Kernel {
-#ifdef CG2_ZMM
-  static constexpr int kTokens = kTokZmm;
-#else
-  static constexpr int kTokens = kTok;
-#endif
+  static constexpr int kTokens = kTokInt;
   const int8_t* w;     // packed (Nb, Kp / 16, 4, 16)
   const int16_t* xq;   // (M, Kp)
   int64_t Kp;
@@ -459,7 +460,6 @@ struct Int8Kernel {
 // its high nibbles 16-31); one fp32 scale and one 8 * sum(q) per group.
 
 constexpr int kGroupChunk = 32;  // int4: columns per packed chunk
-
 
 // Quantize each row of x to int8 per group of G columns (max|x_group| / 127, round to nearest even): xq (M,
 // 2 Kp) bytes in the layout above, xs (M, Kp / G) scales, xc (M, Kp / G) = 8 * sum of the group's int8 values.
@@ -509,17 +509,6 @@ void pack_x_int8(const T* x, int64_t M, int64_t K, int64_t Kp, int64_t G, int8_t
 // the same of hi and xh. The VNNI levels do it in two vpdpbusd; the others in vpmaddubsw (pairs into int16; our
 // sums stay below 7620, no saturation), an int16 add and vpmaddwd by ones. The integers are the same either way
 // (exact, no lane can overflow), so every level gives bit-identical results.
-inline __m256i dot_u4(__m256i acc, __m256i lo, __m256i xl, __m256i hi, __m256i xh) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, xl), hi, xh);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, xl), hi, xh);
-#else
-  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-#endif
-}
-
 #ifdef CG2_ZMM
 inline __m512i dot_u4(__m512i acc, __m512i lo, __m512i xl, __m512i hi, __m512i xh) {
 #ifdef __AVX512VNNI__
@@ -586,6 +575,15 @@ inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups,
   }
 }
 #else
+inline __m256i dot_u4(__m256i acc, __m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+#ifdef __AVXVNNI__
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, xl), hi, xh);
+#else
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+}
+
 // out[m * kRows + r] for one packed block of 4 rows and MB tokens. Lanes: acc[m][0] holds rows 0 (lanes 0-3)
 // and 1 (lanes 4-7), acc[m][1] rows 2 and 3; lane l of a row sums the products of the row's bytes 4l .. 4l + 3.
 template <int MB>
@@ -640,11 +638,7 @@ inline void int4_block(const uint8_t* w, const uint16_t* scale, int64_t ngroups,
 #endif  // CG2_ZMM
 
 struct Int4Kernel {
-#ifdef CG2_ZMM
-  static constexpr int kTokens = kTokZmm;
-#else
-  static constexpr int kTokens = kTok;
-#endif
+  static constexpr int kTokens = kTokInt;
   const uint8_t* w;        // packed (Nb, Kp / 32, 4, 16)
   const uint16_t* scale;   // bf16 (Nb, ngroups, 4)
   const int8_t* xq;        // (M, 2 Kp), see pack_x_int8
